@@ -1,0 +1,59 @@
+"""The federated methods, each behind :class:`~fedseed.algorithms.base.Algorithm`.
+
+``[algorithm]`` in a config is ``name`` plus the fields of that method's config
+dataclass; :func:`build_algorithm` is the only place a name becomes an object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from fedseed.algorithms.base import EVALUATOR, Algorithm, Batches, InvalidReply
+from fedseed.algorithms.fedkseed import FedKSeed, FedKSeedConfig
+
+__all__ = ["EVALUATOR", "Algorithm", "Batches", "InvalidReply", "algorithm_config", "build_algorithm", "METHODS"]
+
+# name -> (config class, fixed config values, constructor)
+METHODS: dict[str, tuple[type, dict[str, Any], Callable[[Any, int], Algorithm]]] = {
+    "fedkseed": (FedKSeedConfig, {"pro": False}, FedKSeed),
+    "fedkseed-pro": (FedKSeedConfig, {"pro": True}, FedKSeed),
+}
+
+
+def algorithm_config(table: dict[str, Any]) -> Any:
+    """Validate an ``[algorithm]`` table and return the method's config dataclass."""
+    from fedseed.config import ConfigError, build_section
+
+    name = table.get("name", "fedkseed")
+    if name not in METHODS:
+        raise ConfigError(f"`algorithm.name` must be one of {', '.join(METHODS)}; got {name!r}")
+    cls, fixed, _ = METHODS[name]
+    params = {k: v for k, v in table.items() if k != "name"}
+    for key in fixed:
+        if key in params and params[key] != fixed[key]:
+            raise ConfigError(f"`algorithm.{key}` is fixed to {fixed[key]!r} for {name}")
+    cfg_fields = {f.name for f in dataclasses.fields(cls)}
+    hidden = {k for k in fixed if k in cfg_fields}
+    try:
+        cfg = build_section("algorithm", _visible(cls, hidden), params)
+        return cls(**{**dataclasses.asdict(cfg), **fixed})
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e)) from None
+
+
+def _visible(cls: type, hidden: set[str]) -> type:
+    """The config class without the fields a method name fixes (so they read as unknown keys)."""
+    if not hidden:
+        return cls
+    fields = [(f.name, f.type, f) for f in dataclasses.fields(cls) if f.name not in hidden]
+    return dataclasses.make_dataclass(cls.__name__, fields, namespace={"__module__": cls.__module__})
+
+
+def build_algorithm(table: dict[str, Any], seed: int) -> Algorithm:
+    """The algorithm object for an ``[algorithm]`` table and a run seed."""
+    cfg = algorithm_config(table)
+    return METHODS[table.get("name", "fedkseed")][2](cfg, seed)

@@ -1,0 +1,92 @@
+"""The one interface every federated method implements.
+
+An algorithm is pure: it gets a model, batches and a message, and returns a
+message. It never opens a socket, reads a file or prints. Runners call the hooks
+in this order each round::
+
+    server:  task = algo.task(round, client, since)        -> encoded, sent
+    client:  algo.sync(model, task); reply = algo.train(model, batches, task)
+    server:  algo.check(reply, task)                        (reject before anything changes)
+             update = algo.aggregate(round, replies)         -> appended to the ledger
+             algo.commit(update)                             (the only state change)
+
+Replaying a ledger is ``commit`` for every stored update, then ``sync``: that is how
+the evaluator, a late client and ``fedseed export`` all get the same weights.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from fedseed.models import LocalModel
+
+Batch = dict[str, torch.Tensor]
+
+
+class Batches(Protocol):
+    """An endless, seeded stream of a client's training batches."""
+
+    num_examples: int  # the client's training examples: its weight in aggregation
+
+    def __next__(self) -> Batch: ...
+EVALUATOR = 0xFFFFFFFF  # the client id of the party that only syncs and evaluates
+
+
+class InvalidReply(ValueError):
+    """A client reply failed validation; the server state is untouched."""
+
+
+def require(ok: bool, message: str) -> None:
+    """Protocol checks raise :class:`InvalidReply`, never ``assert`` (asserts vanish under -O)."""
+    if not ok:
+        raise InvalidReply(message)
+
+
+class Algorithm(ABC):
+    """A federated method: server aggregation, client update and how updates apply.
+
+    Subclasses set the three wire message types and fill in the hooks.
+    """
+
+    name: ClassVar[str]
+    Task: ClassVar[type]
+    Reply: ClassVar[type]
+    Update: ClassVar[type]
+
+    # -- server side -------------------------------------------------------------
+    @abstractmethod
+    def task(self, round: int, client: int, since: int) -> Any:
+        """The downlink for ``client`` in ``round``; ``since`` is the ledger position its copy holds."""
+
+    @abstractmethod
+    def check(self, reply: Any, task: Any) -> None:
+        """Raise :class:`InvalidReply` unless ``reply`` answers ``task`` and fits this server."""
+
+    @abstractmethod
+    def aggregate(self, round: int, replies: Sequence[Any]) -> Any:
+        """Combine checked replies into one update (weighted by their example counts)."""
+
+    @abstractmethod
+    def commit(self, update: Any) -> None:
+        """Fold an aggregated update into the server state (live rounds and replay alike)."""
+
+    # -- client side -------------------------------------------------------------
+    @abstractmethod
+    def sync(self, model: LocalModel, task: Any) -> None:
+        """Bring ``model`` to the global model the task was made from."""
+
+    @abstractmethod
+    def train(self, model: LocalModel, batches: Batches, task: Any) -> Any:
+        """Local training from the synced model; return the reply."""
+
+    # -- shared ------------------------------------------------------------------
+    committed: int = 0  # rounds folded in by ``commit``; the ledger position of the server state
+
+    def expect_next(self, update: Any) -> None:
+        """Updates are committed in round order, each exactly once."""
+        if update.round != self.committed + 1:
+            raise InvalidReply(f"update for round {update.round}, but round {self.committed + 1} is next")

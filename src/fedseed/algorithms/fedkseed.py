@@ -1,0 +1,257 @@
+"""FedKSeed and FedKSeed-Pro: zeroth-order steps on a fixed pool of K seeds.
+
+Every local step picks a seed index k from the pool, estimates the directional
+derivative ``g = (L(w + eps z_k) - L(w - eps z_k)) / 2eps`` with two forwards and
+moves ``w -= lr * g * z_k``, all in place (``+eps, -2eps, +eps - lr g``: three
+passes, no copy of the model). The client reports only ``(k, g)``.
+
+Because the pool is fixed and the learning rate constant, the global model is
+linear in per-seed totals: ``w = w0 + sum_k C_k z_k``. The server keeps the K
+totals ``C_k``; every party rebuilds from ``w0`` with at most K directions, however
+many rounds it missed, and bit for bit the same as everyone else.
+
+FedKSeed-Pro samples seeds non-uniformly: ``psi_k`` is the mean of
+``|clip(g, -1000, 1000)|`` over the seed's history (which starts with a single 0),
+min-max normalised, and the probabilities are ``softmax(psi)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, require
+from fedseed.directions import DISTRIBUTIONS, derive_seed
+from fedseed.models import DIRTY, LocalModel
+from fedseed.wire import F32, F32Array, F64Array, U8, U32, UIntArray, message
+
+POOL_TAG = 0x5EED
+STEP_TAG = 0x57E9
+
+
+@dataclass(frozen=True)
+class FedKSeedConfig:
+    """Hyperparameters of FedKSeed / FedKSeed-Pro (paper defaults where they exist)."""
+
+    num_seeds: int = 4096  # K, the candidate seed pool
+    local_steps: int = 200  # tau, zeroth-order steps per client per round
+    lr: float = 3e-7
+    eps: float = 5e-4  # perturbation scale
+    distribution: str = "rademacher"  # rademacher (bitwise portable) | gaussian
+    pro: bool = False  # FedKSeed-Pro's non-uniform seed sampling
+    clip: float = 1000.0  # |g| clip for the Pro history
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_seeds", "local_steps", "lr", "eps", "clip")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"`algorithm.distribution` must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
+
+
+def _positive(cfg: object, *names: str) -> None:
+    for n in names:
+        if not getattr(cfg, n) > 0:
+            raise ValueError(f"`algorithm.{n}` must be > 0, got {getattr(cfg, n)!r}")
+
+
+@message(10)
+@dataclass(frozen=True)
+class SeedTask:
+    """Server -> client: the global model as per-seed totals, and how to sample seeds."""
+
+    round: U32
+    client: U32
+    seed_ids: UIntArray  # pool indices with a non-zero total, ascending
+    coeffs: F32Array  # the total C_k of each
+    probabilities: F32Array  # K sampling probabilities (Pro), empty for uniform
+
+    def validate(self) -> None:
+        if self.seed_ids.size != self.coeffs.size:
+            raise ValueError(f"{self.seed_ids.size} seed_ids but {self.coeffs.size} coeffs")
+        if self.seed_ids.size > 1 and not (np.diff(self.seed_ids) > 0).all():
+            raise ValueError("seed_ids must be strictly increasing")
+        if self.probabilities.size and ((self.probabilities < 0).any() or abs(self.probabilities.sum() - 1) > 1e-3):
+            raise ValueError("probabilities must be non-negative and sum to 1")
+
+
+@message(11)
+@dataclass(frozen=True)
+class SeedReply:
+    """Client -> server: the scalar of every local step, as pairs or as K per-seed sums."""
+
+    round: U32
+    client: U32
+    num_examples: U32  # the client's training examples: its aggregation weight
+    steps: U32  # steps attempted; ``skipped`` of them had a non-finite loss
+    skipped: U32
+    loss: F32  # mean of (L+ + L-) / 2 over the kept steps
+    dense: U8  # 0: values[i] is the g of seed_ids[i]; 1: values[k] is the sum of g on seed k
+    seed_ids: UIntArray
+    values: F32Array
+
+    def validate(self) -> None:
+        if self.dense not in (0, 1):
+            raise ValueError(f"dense must be 0 or 1, got {self.dense}")
+        if self.dense and self.seed_ids.size:
+            raise ValueError("a dense reply carries no seed_ids")
+        if not self.dense and self.seed_ids.size != self.values.size:
+            raise ValueError(f"{self.seed_ids.size} seed_ids but {self.values.size} values")
+        if self.skipped > self.steps:
+            raise ValueError(f"skipped {self.skipped} > steps {self.steps}")
+
+
+@message(12)
+@dataclass(frozen=True)
+class SeedUpdate:
+    """One round in the ledger: what each touched seed's total moved by."""
+
+    round: U32
+    seed_ids: UIntArray  # ascending
+    coeffs: F64Array  # added to C_k (already includes -lr and the client weights)
+    abs_g: F64Array  # sum over the round's steps of |clip(g)|: FedKSeed-Pro's history
+    counts: UIntArray  # steps taken on each seed this round
+
+    def validate(self) -> None:
+        n = self.seed_ids.size
+        if not (self.coeffs.size == self.abs_g.size == self.counts.size == n):
+            raise ValueError("seed_ids, coeffs, abs_g and counts must have the same length")
+        if n > 1 and not (np.diff(self.seed_ids) > 0).all():
+            raise ValueError("seed_ids must be strictly increasing")
+
+
+def pro_probabilities(abs_g_sum: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """FedKSeed-Pro's sampling probabilities from each seed's history of |g|.
+
+    The history of every seed starts with a single 0, so its mean is
+    ``sum / (count + 1)``; the means are min-max normalised, then soft-maxed.
+    """
+    psi = abs_g_sum / (counts + 1.0)
+    spread = psi.max() - psi.min()
+    norm = (psi - psi.min()) / spread if spread > 0 else np.zeros_like(psi)
+    e = np.exp(norm - norm.max())
+    return e / e.sum()
+
+
+class FedKSeed(Algorithm):
+    """FedKSeed (``pro=False``) and FedKSeed-Pro (``pro=True``)."""
+
+    Task, Reply, Update = SeedTask, SeedReply, SeedUpdate
+
+    def __init__(self, config: FedKSeedConfig, seed: int):
+        self.config = config
+        self.name = "fedkseed-pro" if config.pro else "fedkseed"
+        self.seed = seed
+        k = config.num_seeds
+        self.pool = np.array([derive_seed(seed, POOL_TAG, i) for i in range(k)], dtype=np.uint64)
+        self.totals = np.zeros(k, dtype=np.float64)  # C_k, summed in round order
+        self.abs_g = np.zeros(k, dtype=np.float64)
+        self.counts = np.zeros(k, dtype=np.int64)
+        self.committed = 0
+
+    # -- server ------------------------------------------------------------------
+    def task(self, round: int, client: int, since: int = 0) -> SeedTask:
+        ids = np.flatnonzero(self.totals)
+        probs = pro_probabilities(self.abs_g, self.counts) if self.config.pro else np.zeros(0)
+        return SeedTask(round, client, ids, self.totals[ids].astype(np.float32), probs.astype(np.float32))
+
+    def check(self, reply: SeedReply, task: SeedTask) -> None:
+        k = self.config.num_seeds
+        require(reply.round == task.round, f"`round` is {reply.round}, the task was for round {task.round}")
+        require(reply.client == task.client, f"`client` is {reply.client}, the task was sent to {task.client}")
+        require(reply.num_examples > 0, "`num_examples` must be > 0")
+        require(reply.steps <= self.config.local_steps, f"`steps` {reply.steps} > local_steps {self.config.local_steps}")
+        if reply.dense:
+            require(not self.config.pro, "FedKSeed-Pro needs per-step pairs, got a dense reply")
+            require(reply.values.size == k, f"dense `values` has {reply.values.size} entries, the pool has {k}")
+        else:
+            require(reply.values.size <= reply.steps, f"{reply.values.size} pairs for {reply.steps} steps")
+            bad = reply.seed_ids[reply.seed_ids >= k]
+            require(bad.size == 0, f"`seed_ids` holds {bad[:3].tolist()}, outside the pool of {k} seeds")
+
+    def aggregate(self, round: int, replies: Sequence[SeedReply]) -> SeedUpdate:
+        if not replies:
+            raise InvalidReply(f"round {round}: no replies to aggregate")
+        k, cfg = self.config.num_seeds, self.config
+        total_n = float(sum(r.num_examples for r in replies))
+        coeffs = np.zeros(k, dtype=np.float64)
+        abs_g = np.zeros(k, dtype=np.float64)
+        counts = np.zeros(k, dtype=np.int64)
+        for r in sorted(replies, key=lambda r: r.client):  # arrival order must not matter
+            g = r.values.astype(np.float64)
+            if r.dense:
+                per_seed = g
+            else:
+                per_seed = np.bincount(r.seed_ids, weights=g, minlength=k)
+                np.add.at(abs_g, r.seed_ids, np.abs(np.clip(g, -cfg.clip, cfg.clip)))
+                np.add.at(counts, r.seed_ids, 1)
+            coeffs += (-cfg.lr * r.num_examples / total_n) * per_seed
+        ids = np.flatnonzero((coeffs != 0) | (counts > 0))
+        return SeedUpdate(round, ids, coeffs[ids], abs_g[ids], counts[ids])
+
+    def commit(self, update: SeedUpdate) -> None:
+        self.expect_next(update)
+        require(bool((update.seed_ids < self.config.num_seeds).all()), "update names a seed outside the pool")
+        self.totals[update.seed_ids] += update.coeffs
+        self.abs_g[update.seed_ids] += update.abs_g
+        self.counts[update.seed_ids] += update.counts
+        self.committed = update.round
+
+    # -- client ------------------------------------------------------------------
+    def sync(self, model: LocalModel, task: SeedTask) -> None:
+        target = task.round - 1
+        if model.position == target:
+            return
+        model.directions(self.config.distribution).add_(self.pool[task.seed_ids], task.coeffs, base=model.base)
+        model.position = target
+
+    @torch.no_grad()
+    def train(self, model: LocalModel, batches: Batches, task: SeedTask) -> SeedReply:
+        cfg = self.config
+        self.sync(model, task)
+        space = model.directions(self.config.distribution)
+        rng = np.random.default_rng([self.seed, task.round, task.client, STEP_TAG])
+        probs = task.probabilities.astype(np.float64) if task.probabilities.size else None
+        if probs is not None:
+            probs /= probs.sum()
+        model.position = DIRTY
+        ids, gs, losses = [], [], []
+        skipped = 0
+        for _ in range(cfg.local_steps):
+            k = int(rng.choice(cfg.num_seeds, p=probs))
+            seed = [int(self.pool[k])]
+            batch = next(batches)
+            space.add_(seed, [cfg.eps])
+            plus = float(model.loss(batch))
+            space.add_(seed, [-2 * cfg.eps])
+            minus = float(model.loss(batch))
+            g = (plus - minus) / (2 * cfg.eps)
+            if not np.isfinite(g):
+                space.add_(seed, [cfg.eps])
+                skipped += 1
+                continue
+            space.add_(seed, [cfg.eps - cfg.lr * g])
+            ids.append(k)
+            gs.append(g)
+            losses.append((plus + minus) / 2)
+        return self._reply(task, ids, gs, losses, skipped, batches.num_examples)
+
+    def _reply(self, task: SeedTask, ids: list[int], gs: list[float], losses: list[float], skipped: int,
+               num_examples: int) -> SeedReply:
+        """Pairs, or K per-seed sums when that is fewer bytes (never for Pro, which needs pairs)."""
+        k = self.config.num_seeds
+        steps = len(ids) + skipped
+        loss = float(np.mean(losses)) if losses else 0.0
+        seed_ids, values = np.asarray(ids, dtype=np.int64), np.asarray(gs, dtype=np.float64)
+        if not self.config.pro:
+            uniq, inverse = np.unique(seed_ids, return_inverse=True)
+            sums = np.bincount(inverse, weights=values, minlength=uniq.size)
+            width = next(w for w in (1, 2, 4, 8) if k - 1 < 1 << (8 * w))
+            if 4 * k < uniq.size * (width + 4):
+                dense = np.bincount(seed_ids, weights=values, minlength=k)
+                return SeedReply(task.round, task.client, num_examples, steps, skipped, loss, 1,
+                                 np.zeros(0, np.int64), dense.astype(np.float32))
+            seed_ids, values = uniq, sums
+        return SeedReply(task.round, task.client, num_examples, steps, skipped, loss, 0,
+                         seed_ids, values.astype(np.float32))

@@ -1,0 +1,180 @@
+"""Experiment configuration: one TOML file, sections by concern, ``--set a.b=v`` overrides.
+
+Every key is a field of a dataclass below with its help text; an unknown key, a
+wrong type or a value outside its allowed set is an error that names the key and
+says what is allowed. The ``[algorithm]`` table is checked against the chosen
+method's own config class (``fedseed.algorithms``), so a FedKSeed key given to
+Ferret is an error too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the text names the key."""
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunSection:
+    output_dir: str = _f("runs/quickstart", "run folder: config, partition, ledger, metrics, report")
+    seed: int = _f(42, "run seed: fixes the seed pool, partition, sampling and every client's randomness")
+    device: str = _f("cpu", "where the model lives", ("cpu", "cuda"))
+
+
+@dataclass
+class ModelSection:
+    name_or_path: str = _f("../shared/models/stories260K", "local model folder or Hugging Face Hub id")
+    dtype: str = _f("float32", "weight dtype", ("float32", "bfloat16", "float16"))
+    trust_remote_code: bool = _f(False, "allow model code from the Hub (off: only transformers' own classes)")
+
+
+@dataclass
+class DataSection:
+    dataset: str = _f("dolly", "data set", ("dolly", "natural-instructions", "codealpaca", "gsm8k", "sst2"))
+    path: str = _f("../shared/data/dolly/databricks-dolly-15k.jsonl", "file or folder of the data set")
+    partition: str = _f("dirichlet", "how examples are spread over clients", ("dirichlet", "by-task", "iid"))
+    alpha: float = _f(0.5, "Dirichlet concentration (smaller = more skewed)")
+    holdout: str = _f("", "category held out for evaluation (Dolly); empty = the data set's test split")
+    max_length: int = _f(256, "tokens per example; longer responses are truncated, longer prompts dropped")
+    max_train_examples: int = _f(0, "cap on training examples after partitioning (0 = all)")
+    batch_size: int = _f(1, "examples per local step")
+
+
+@dataclass
+class FederationSection:
+    num_clients: int = _f(20, "clients the training data is split over (by-task: one per task)")
+    clients_per_round: int = _f(4, "clients sampled each round")
+    rounds: int = _f(5, "communication rounds")
+
+
+@dataclass
+class EvalSection:
+    every: int = _f(1, "rounds between held-out loss evaluations")
+    loss_examples: int = _f(200, "held-out examples for the loss")
+    generate_examples: int = _f(50, "held-out examples for Rouge-L / accuracy by greedy generation")
+    max_new_tokens: int = _f(64, "greedy generation length")
+    batch_size: int = _f(16, "evaluation batch size")
+    before: bool = _f(True, "also evaluate the base model (round 0) for before/after numbers")
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunSection,
+    "model": ModelSection,
+    "data": DataSection,
+    "federation": FederationSection,
+    "eval": EvalSection,
+}
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    federation: FederationSection = field(default_factory=FederationSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    algorithm: dict[str, Any] = field(default_factory=lambda: {"name": "fedkseed"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and not isinstance(value, bool) or typ is not bool and isinstance(value, bool):
+        raise ConfigError(f"`{key}` must be {typ.__name__}, got {value!r}")
+    if not isinstance(value, typ):
+        raise ConfigError(f"`{key}` must be {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def build_section(name: str, cls: type, table: dict[str, Any]) -> Any:
+    """Instantiate a section dataclass from a TOML table, naming any bad key."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"`{name}` must be a table, got {table!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key `{name}.{unknown[0]}`; valid keys in [{name}]: {', '.join(sorted(fields))}")
+    values = {}
+    for key, value in table.items():
+        full = f"{name}.{key}"
+        values[key] = _coerce(full, value, hints[key])
+        choices = fields[key].metadata.get("choices")
+        if choices and values[key] not in choices:
+            raise ConfigError(f"`{full}` must be one of {', '.join(choices)}; got {value!r}")
+    return cls(**values)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value``; the value is read as TOML (``3``, ``1e-5``, ``true``), else as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise ConfigError(f"--set key must be section.key (e.g. algorithm.lr), got {key!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def load_config(source: str | Path | dict[str, Any], overrides: list[str] = ()) -> Config:
+    """Read a TOML file (or an already-parsed dict), apply overrides, validate everything."""
+    if isinstance(source, dict):
+        raw = {k: dict(v) if isinstance(v, dict) else v for k, v in source.items()}
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        raw.setdefault(section, {})[key] = value
+    valid = [*SECTIONS, "algorithm"]
+    for name in raw:
+        if name not in valid:
+            raise ConfigError(f"unknown section [{name}]; valid sections: {', '.join(valid)}")
+    cfg = Config(**{n: build_section(n, cls, raw.get(n, {})) for n, cls in SECTIONS.items()})
+    cfg.algorithm = dict(raw.get("algorithm", {"name": "fedkseed"}))
+    from fedseed.algorithms import algorithm_config  # validates [algorithm] against the method
+
+    algorithm_config(cfg.algorithm)
+    _check_ranges(cfg)
+    return cfg
+
+
+def _check_ranges(cfg: Config) -> None:
+    fed, ev, data = cfg.federation, cfg.eval, cfg.data
+    for key, value in [("federation.num_clients", fed.num_clients), ("federation.rounds", fed.rounds),
+                       ("federation.clients_per_round", fed.clients_per_round), ("eval.every", ev.every),
+                       ("data.max_length", data.max_length), ("data.batch_size", data.batch_size),
+                       ("eval.batch_size", ev.batch_size)]:
+        if value < 1:
+            raise ConfigError(f"`{key}` must be >= 1, got {value}")
+    if fed.clients_per_round > fed.num_clients:
+        raise ConfigError(
+            f"`federation.clients_per_round` ({fed.clients_per_round}) exceeds `federation.num_clients` ({fed.num_clients})"
+        )
+    if data.alpha <= 0:
+        raise ConfigError(f"`data.alpha` must be > 0, got {data.alpha}")

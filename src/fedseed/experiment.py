@@ -1,0 +1,165 @@
+"""Turning a validated config into the pieces a runner moves messages between.
+
+Both runners (in-process simulation and Flower) build their clients' data, the
+model and the algorithm here, so the same config gives the same partition, the
+same batches and the same seeds wherever it runs. Randomness is derived from
+``(run seed, round, client, purpose)``, never from a stream that advances, which
+is what makes an interrupted run resume to the identical model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import numpy as np
+
+from fedseed.algorithms import Algorithm, build_algorithm
+from fedseed.config import Config, ConfigError
+from fedseed.data import (
+    Example,
+    Partition,
+    TokenizedExample,
+    TruncationStats,
+    collate,
+    holdout_split,
+    load_examples,
+    partition_by_key,
+    partition_dirichlet,
+    partition_iid,
+    tokenize_examples,
+)
+from fedseed.models import LocalModel, content_hash, load_model
+
+BATCH_TAG = 0xBA7C
+SAMPLE_TAG = 0x5A3D
+SUBSET_TAG = 0x5B5E
+EVAL_TAG = 0xE7A1
+
+
+class BatchStream:
+    """A client's endless stream of training batches, reshuffled every epoch from its own seed."""
+
+    def __init__(self, examples: list[TokenizedExample], batch_size: int, pad_id: int, seed: list[int]):
+        if not examples:
+            raise ValueError("a client with no training examples cannot train")
+        self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
+        self.num_examples = len(examples)
+        self._rng = np.random.default_rng(seed)
+        self._order: list[int] = []
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self):
+        picked = []
+        while len(picked) < min(self.batch_size, self.num_examples):
+            if not self._order:
+                self._order = self._rng.permutation(self.num_examples).tolist()
+            picked.append(self.examples[self._order.pop()])
+        return collate(picked, self.pad_id)
+
+
+def sample_clients(seed: int, round: int, num_clients: int, per_round: int) -> list[int]:
+    """The clients of one round, sorted; a pure function of (seed, round)."""
+    rng = np.random.default_rng([seed, round, SAMPLE_TAG])
+    return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
+
+
+@dataclass
+class Data:
+    """Examples after loading, holding out, partitioning and tokenising."""
+
+    partition: Partition
+    clients: list[list[TokenizedExample]]
+    heldout: list[TokenizedExample]  # shuffled once with the run seed; evaluation takes prefixes
+    references: list[str]  # target text of each held-out example
+    train_stats: TruncationStats
+    heldout_stats: TruncationStats
+
+
+def _split(cfg: Config) -> tuple[list[Example], list[Example]]:
+    d = cfg.data
+    if d.holdout:
+        return holdout_split(load_examples(d.dataset, d.path, "train"), d.holdout)
+    if d.dataset in ("dolly", "codealpaca"):
+        raise ConfigError(f"`data.holdout` must name a category to hold out for {d.dataset} (it has no test split)")
+    return load_examples(d.dataset, d.path, "train"), load_examples(d.dataset, d.path, "test")
+
+
+def _partition(cfg: Config, train: list[Example]) -> Partition:
+    d, fed, seed = cfg.data, cfg.federation, cfg.run.seed
+    if d.partition == "by-task":
+        part = partition_by_key([ex.category for ex in train], seed)
+        if len(part.clients) != fed.num_clients:
+            raise ConfigError(
+                f"`federation.num_clients` is {fed.num_clients} but the by-task partition gives "
+                f"{len(part.clients)} clients (one per task); set num_clients = {len(part.clients)}"
+            )
+        return part
+    if d.partition == "dirichlet":
+        return partition_dirichlet([ex.category for ex in train], fed.num_clients, d.alpha, seed)
+    return partition_iid(len(train), fed.num_clients, seed)
+
+
+def prepare_data(cfg: Config, tokenizer) -> Data:
+    train, heldout = _split(cfg)
+    if cfg.data.max_train_examples and len(train) > cfg.data.max_train_examples:
+        keep = np.random.default_rng([cfg.run.seed, SUBSET_TAG]).choice(len(train), cfg.data.max_train_examples, replace=False)
+        train = [train[i] for i in sorted(keep)]
+    partition = _partition(cfg, train)
+    clients, stats = [], []
+    for idx in partition.clients:  # tokenised per client: drops stay inside their client
+        toks, st = tokenize_examples([train[i] for i in idx], tokenizer, cfg.data.max_length)
+        clients.append(toks)
+        stats.append(st)
+    empty = [c for c, toks in enumerate(clients) if not toks]
+    if empty:
+        raise ConfigError(
+            f"client {empty[0]} has no example that fits `data.max_length` = {cfg.data.max_length}; raise it"
+        )
+    order = np.random.default_rng([cfg.run.seed, EVAL_TAG]).permutation(len(heldout))
+    held, heldout_stats = tokenize_examples([heldout[i] for i in order], tokenizer, cfg.data.max_length)
+    if not held:
+        raise ConfigError(f"no held-out example fits `data.max_length` = {cfg.data.max_length}; raise it")
+    references = [_reference(tokenizer, ex) for ex in held]
+    return Data(partition, clients, held, references, _sum_stats(stats), heldout_stats)
+
+
+def _reference(tokenizer, ex: TokenizedExample) -> str:
+    """The target text as the model sees it (after truncation), for Rouge-L and accuracy."""
+    response = [t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100]
+    return tokenizer.decode(response, skip_special_tokens=True).strip()
+
+
+def _sum_stats(stats: list[TruncationStats]) -> TruncationStats:
+    return TruncationStats(*(sum(getattr(s, f) for s in stats) for f in ("total", "kept", "truncated", "dropped")))
+
+
+@dataclass
+class Experiment:
+    """Everything a runner needs: the model copy, the data and the algorithm."""
+
+    config: Config
+    model: LocalModel
+    tokenizer: object
+    data: Data
+    base_hash: str
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def algorithm(self) -> Algorithm:
+        """A fresh algorithm object (server and clients each build their own)."""
+        return build_algorithm(self.config.algorithm, self.config.run.seed)
+
+    def batches(self, round: int, client: int) -> BatchStream:
+        return BatchStream(self.data.clients[client], self.config.data.batch_size, self.pad_id,
+                           [self.config.run.seed, round, client, BATCH_TAG])
+
+
+def prepare(cfg: Config) -> Experiment:
+    module, tokenizer = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype, device=cfg.run.device,
+                                   trust_remote_code=cfg.model.trust_remote_code)
+    base_hash = content_hash(module)
+    return Experiment(cfg, LocalModel.wrap(module), tokenizer, prepare_data(cfg, tokenizer), base_hash)

@@ -1,0 +1,121 @@
+"""Loading Hugging Face models and keeping a party's copy of the federated model.
+
+:func:`load_model` accepts a local folder or a Hub id (``trust_remote_code`` stays
+off unless the user asks for it). :class:`LocalModel` is what algorithms receive:
+the module, its trainable tensors in a fixed order, the base weights ``w0`` kept
+in float32 for algorithms that rebuild ``w = w0 + sum c_k D(seed_k)`` from scratch,
+and the ledger position the copy is synced to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fedseed.directions import DirectionSpace
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("cpu", "cuda")
+DIRTY = -1  # position of a copy whose weights were changed locally since its last sync
+
+
+class ModelError(ValueError):
+    """A model could not be loaded; the text says which and how to fix it."""
+
+
+def _looks_local(name_or_path: str) -> bool:
+    return name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
+
+
+def load_model(name_or_path: str, *, task: str = "causal-lm", dtype: str = "float32", device: str = "cpu",
+               trust_remote_code: bool = False, num_labels: int = 2):
+    """Load ``(model, tokenizer)`` with ``from_pretrained``.
+
+    ``task`` is ``"causal-lm"`` or ``"classification"`` (a sequence-classification
+    head on an encoder, as in the GLUE experiments).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ModelError(f"`model.dtype` must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if device not in DEVICES:
+        raise ModelError(f"`run.device` must be one of {DEVICES}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("`run.device` is 'cuda' but no CUDA device is visible; use device = \"cpu\"")
+    if _looks_local(name_or_path):
+        folder = Path(name_or_path).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ModelError(
+                f"model folder {folder} not found or has no config.json; set `model.name_or_path` to a "
+                "Hugging Face model folder (config.json + weights) or a Hub id such as 'openlm-research/open_llama_3b'"
+            )
+    kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        if task == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=num_labels, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except OSError as e:
+        raise ModelError(f"could not load model {name_or_path!r}: {e}") from None
+    model.to(device)
+    model.eval()  # no dropout: a zeroth-order step compares two forwards of the same function
+    return model, tokenizer
+
+
+def content_hash(module: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes), in name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass
+class LocalModel:
+    """One party's copy of the federated model.
+
+    Parameters
+    ----------
+    module:
+        The ``transformers`` model, in eval mode.
+    trainable:
+        ``(name, parameter)`` pairs the algorithm may change, in ``named_parameters`` order.
+    """
+
+    module: torch.nn.Module
+    trainable: list[tuple[str, torch.nn.Parameter]]
+    position: int = 0
+    _base: list[torch.Tensor] = field(default_factory=list, repr=False)
+    _spaces: dict[str, DirectionSpace] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def wrap(cls, module: torch.nn.Module) -> "LocalModel":
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        base = [p.detach().to(torch.float32).clone() for _, p in named]
+        return cls(module=module, trainable=named, _base=base)
+
+    @property
+    def base(self) -> list[torch.Tensor]:
+        """``w0`` in float32, captured when the model was wrapped, before any update."""
+        return self._base
+
+    def directions(self, distribution: str) -> DirectionSpace:
+        """The direction space over the trainable tensors (built once per distribution)."""
+        if distribution not in self._spaces:
+            self._spaces[distribution] = DirectionSpace(self.trainable, distribution)
+        return self._spaces[distribution]
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for _, p in self.trainable)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean loss of one batch (tokens with label -100 excluded)."""
+        device = next(self.module.parameters()).device
+        return self.module(**{k: v.to(device) for k, v in batch.items()}).loss

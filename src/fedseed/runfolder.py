@@ -1,0 +1,85 @@
+"""The run folder: everything a run leaves behind, and nothing else.
+
+    config.toml      the resolved configuration (re-runnable as is)
+    partition.json   which training examples each client holds
+    ledger.bin       base model identity + every aggregated update (the checkpoint)
+    metrics.jsonl    one JSON object per round (round 0 = the base model)
+    report.md/json   the final report; *.png plots
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedseed.config import Config
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """A TOML document for a two-level dict of scalars (all a config holds)."""
+    lines = []
+    for section, table in data.items():
+        lines.append(f"[{section}]")
+        for key, value in table.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.path / "ledger.bin"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.toml"
+
+    def create(self, config: Config, partition: dict[str, Any], overwrite: bool = False) -> None:
+        if self.ledger_path.exists() and not overwrite:
+            raise FileExistsError(
+                f"{self.path} already holds a run; continue it with `fedseed run --resume {self.path}`, "
+                "choose another `run.output_dir`, or pass --overwrite"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        for stale in (self.metrics_path, self.ledger_path):
+            stale.unlink(missing_ok=True)
+        self.config_path.write_text(to_toml(config.to_dict()))
+        (self.path / "partition.json").write_text(json.dumps(partition))
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def trim_metrics(self, rounds: int) -> None:
+        """Forget rows past the ledger (a crash can leave a row for a round the ledger lacks, or the reverse)."""
+        rows = [r for r in self.metrics() if r["round"] <= rounds]
+        self.metrics_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+    def write_text(self, name: str, text: str) -> Path:
+        path = self.path / name
+        path.write_text(text)
+        return path
