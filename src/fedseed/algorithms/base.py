@@ -90,3 +90,14 @@ class Algorithm(ABC):
         """Updates are committed in round order, each exactly once."""
         if update.round != self.committed + 1:
             raise InvalidReply(f"update for round {update.round}, but round {self.committed + 1} is next")
+
+    def bind(self, model: LocalModel) -> None:
+        """Prepare a freshly loaded model; runners call it once per model, before any other hook.
+
+        Most methods need nothing. FedIT injects its adapters here; methods whose
+        server keeps dense weights capture ``w0`` here.
+        """
+
+    def export(self, model: LocalModel) -> torch.nn.Module:
+        """The plain ``transformers`` module to save (FedIT merges its adapters here)."""
+        return model.module

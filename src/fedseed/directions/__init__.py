@@ -30,7 +30,13 @@ from fedseed.directions.generator import (
     _mix64_array,
 )
 
-__all__ = ["DISTRIBUTIONS", "Distribution", "DirectionSpace", "derive_seed", "tensor_id"]
+__all__ = ["DISTRIBUTIONS", "Distribution", "DirectionSpace", "derive_seed", "random_matrix", "tensor_id"]
+
+
+def random_matrix(seed: int, name: str, shape: tuple[int, ...], distribution: Distribution = "gaussian") -> torch.Tensor:
+    """A seeded float32 matrix (e.g. FedKRSO's projection ``P``), a pure function of (seed, name, shape)."""
+    numel = int(np.prod(shape))
+    return torch.from_numpy(direction(seed, tensor_id(f"{name}|{shape}"), numel, distribution)).view(shape)
 
 
 def _keys(seeds: np.ndarray, tid: int) -> np.ndarray:
@@ -96,6 +102,22 @@ class DirectionSpace:
             cpu.add_directions(work, work, keys, c32, gaussian)
             with torch.no_grad():
                 t.copy_(torch.from_numpy(work).view_as(t))
+
+    def project(self, seeds: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``<D(seed_k), w>`` for every seed, summed over the bound tensors (float64, shape (K,)).
+
+        Ferret's ``V^T Delta``: bind the update's tensors, project onto the bases.
+        """
+        seeds_u64 = np.asarray(seeds, dtype=np.uint64).reshape(-1)
+        total = np.zeros(seeds_u64.size, dtype=np.float64)
+        out = np.empty_like(total)
+        for t, tid in zip(self.tensors, self.ids):
+            flat = _flat_f32(t)
+            if flat is None:
+                flat = t.detach().to("cpu", torch.float32).contiguous().view(-1).numpy()
+            cpu.project(flat, _keys(seeds_u64, tid), self.distribution == "gaussian", out)
+            total += out
+        return total
 
     def materialize(self, seed: int) -> list[torch.Tensor]:
         """The direction of ``seed`` as float32 tensors shaped like the bound ones."""

@@ -135,6 +135,8 @@ def simulate(exp: Experiment, folder: RunFolder, resume: bool = False, stop_afte
     events = events or Events()
     cfg = exp.config
     server, client = exp.algorithm(), exp.algorithm()
+    server.bind(exp.model)
+    client.bind(exp.model)
     ledger = open_ledger(folder, exp, server, resume)
     folder.trim_metrics(ledger.rounds)
     if ledger.rounds == 0 and cfg.eval.before:

@@ -1,0 +1,52 @@
+"""Shared fixtures: the real tiny model and data in ../shared, and one small FedKSeed run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+STORIES = SHARED / "models" / "stories260K"
+DOLLY = SHARED / "data" / "dolly" / "databricks-dolly-15k.jsonl"
+
+
+def small_config(output_dir: Path, algorithm: dict[str, Any] | None = None, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A few-second FedKSeed run on stories260K + Dolly; sections override key by key."""
+    cfg: dict[str, Any] = {
+        "run": {"output_dir": str(output_dir), "seed": 7},
+        "model": {"name_or_path": str(STORIES)},
+        "data": {"dataset": "dolly", "path": str(DOLLY), "holdout": "summarization", "max_length": 256,
+                 "max_train_examples": 300},
+        "federation": {"num_clients": 6, "clients_per_round": 2, "rounds": 3},
+        "algorithm": algorithm or {"name": "fedkseed", "num_seeds": 256, "local_steps": 30, "lr": 1e-4, "eps": 1e-3},
+        "eval": {"loss_examples": 24, "generate_examples": 4, "max_new_tokens": 8, "batch_size": 8},
+    }
+    for name, table in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **table}
+    return cfg
+
+
+def run_simulation(cfg: dict[str, Any], **kwargs):
+    """Prepare and run ``cfg`` in process; returns (experiment, run folder, ledger)."""
+    from fedseed.config import load_config
+    from fedseed.experiment import prepare
+    from fedseed.runfolder import RunFolder
+    from fedseed.runners.simulation import simulate
+
+    config = load_config(cfg)
+    exp = prepare(config)
+    folder = RunFolder(config.run.output_dir)
+    if not kwargs.get("resume"):
+        folder.create(config, exp.data.partition.to_json(), overwrite=True)
+    ledger = simulate(exp, folder, **kwargs)
+    return exp, folder, ledger
+
+
+@pytest.fixture(scope="session")
+def fedkseed_run(tmp_path_factory):
+    """One small FedKSeed run shared by the tests that only read its results."""
+    out = tmp_path_factory.mktemp("fedkseed") / "run"
+    return run_simulation(small_config(out))
