@@ -124,6 +124,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fedseed.compare import compare, to_markdown
+
+    console = Console()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    result = compare(args.config, methods, args.set, console=console)
+    console.print(to_markdown(result["methods"]))
+    console.print(f"plots: {', '.join(result['plots'])}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedseed", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -144,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run_dir")
     ex.add_argument("out_dir")
     ex.set_defaults(fn=cmd_export)
+    cmp = sub.add_parser("compare", help="run several methods on the identical partition and evaluation split")
+    cmp.add_argument("config", help="base experiment TOML; [methods.<name>] tables override the presets")
+    cmp.add_argument("--methods", default="fedkseed,fedkseed-pro,ferret,fedkrso,fedavg,fedit,fedzo",
+                     help="comma-separated method names")
+    cmp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a base value")
+    cmp.set_defaults(fn=cmd_compare)
     return p
 
 

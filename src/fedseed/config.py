@@ -39,6 +39,13 @@ class ModelSection:
     name_or_path: str = _f("../shared/models/stories260K", "local model folder or Hugging Face Hub id")
     dtype: str = _f("float32", "weight dtype", ("float32", "bfloat16", "float16"))
     trust_remote_code: bool = _f(False, "allow model code from the Hub (off: only transformers' own classes)")
+    task: str = _f("auto", "model head; auto = classification for sst2, causal-lm otherwise",
+                   ("auto", "causal-lm", "classification"))
+
+    def resolved_task(self, dataset: str) -> str:
+        if self.task != "auto":
+            return self.task
+        return "classification" if dataset == "sst2" else "causal-lm"
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Evaluation: held-out loss, Rouge-L and GSM8K accuracy on greedy generations, accuracy.
+"""Evaluation: held-out loss, Rouge-L and GSM8K accuracy on greedy generations, classification accuracy.
 
 Used during a run (by the runners) and by ``fedseed eval``. Functions take a
 ``transformers`` model and plain data; they never change weights.
@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from fedseed.data import IGNORE_INDEX, TokenizedExample, collate
+from fedseed.data import IGNORE_INDEX, ClassifiedExample, TokenizedExample, collate, collate_classification
 
 
 @torch.no_grad()
@@ -84,3 +84,18 @@ def gsm8k_accuracy(predictions: Sequence[str], references: Sequence[str]) -> flo
     """Percent of predictions whose final number equals the reference's."""
     hits = sum(final_number(p) is not None and final_number(p) == final_number(r) for p, r in zip(predictions, references))
     return 100.0 * hits / max(len(references), 1)
+
+
+@torch.no_grad()
+def classification_metrics(module: torch.nn.Module, examples: Sequence[ClassifiedExample], batch_size: int,
+                           pad_id: int) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (percent) of a sequence-classification model."""
+    device = next(module.parameters()).device
+    loss, hits = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate_classification(examples[i : i + batch_size], pad_id).items()}
+        logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()  # (B, C)
+        loss += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+        hits += int((logits.argmax(-1) == batch["labels"]).sum())
+    n = max(len(examples), 1)
+    return loss / n, 100.0 * hits / n

@@ -15,16 +15,19 @@ import numpy as np
 from fedseed.algorithms import Algorithm, build_algorithm
 from fedseed.config import Config, ConfigError
 from fedseed.data import (
+    ClassifiedExample,
     Example,
     Partition,
     TokenizedExample,
     TruncationStats,
     collate,
+    collate_classification,
     holdout_split,
     load_examples,
     partition_by_key,
     partition_dirichlet,
     partition_iid,
+    tokenize_classification,
     tokenize_examples,
 )
 from fedseed.models import LocalModel, content_hash, load_model
@@ -38,10 +41,11 @@ EVAL_TAG = 0xE7A1
 class BatchStream:
     """A client's endless stream of training batches, reshuffled every epoch from its own seed."""
 
-    def __init__(self, examples: list[TokenizedExample], batch_size: int, pad_id: int, seed: list[int]):
+    def __init__(self, examples: list, batch_size: int, pad_id: int, seed: list[int]):
         if not examples:
             raise ValueError("a client with no training examples cannot train")
         self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
+        self.collate = collate_classification if isinstance(examples[0], ClassifiedExample) else collate
         self.num_examples = len(examples)
         self._rng = np.random.default_rng(seed)
         self._order: list[int] = []
@@ -55,7 +59,7 @@ class BatchStream:
             if not self._order:
                 self._order = self._rng.permutation(self.num_examples).tolist()
             picked.append(self.examples[self._order.pop()])
-        return collate(picked, self.pad_id)
+        return self.collate(picked, self.pad_id)
 
 
 def sample_clients(seed: int, round: int, num_clients: int, per_round: int) -> list[int]:
@@ -74,6 +78,7 @@ class Data:
     references: list[str]  # target text of each held-out example
     train_stats: TruncationStats
     heldout_stats: TruncationStats
+    classes: list[str]  # class names for classification tasks, empty for generation tasks
 
 
 def _split(cfg: Config) -> tuple[list[Example], list[Example]]:
@@ -100,15 +105,22 @@ def _partition(cfg: Config, train: list[Example]) -> Partition:
     return partition_iid(len(train), fed.num_clients, seed)
 
 
+def _tokenize(cfg: Config, tokenizer, examples: list[Example], classes: list[str]):
+    if classes:
+        return tokenize_classification(examples, tokenizer, cfg.data.max_length, classes)
+    return tokenize_examples(examples, tokenizer, cfg.data.max_length)
+
+
 def prepare_data(cfg: Config, tokenizer) -> Data:
     train, heldout = _split(cfg)
     if cfg.data.max_train_examples and len(train) > cfg.data.max_train_examples:
         keep = np.random.default_rng([cfg.run.seed, SUBSET_TAG]).choice(len(train), cfg.data.max_train_examples, replace=False)
         train = [train[i] for i in sorted(keep)]
+    classes = sorted({ex.output for ex in train}) if cfg.model.resolved_task(cfg.data.dataset) == "classification" else []
     partition = _partition(cfg, train)
     clients, stats = [], []
     for idx in partition.clients:  # tokenised per client: drops stay inside their client
-        toks, st = tokenize_examples([train[i] for i in idx], tokenizer, cfg.data.max_length)
+        toks, st = _tokenize(cfg, tokenizer, [train[i] for i in idx], classes)
         clients.append(toks)
         stats.append(st)
     empty = [c for c, toks in enumerate(clients) if not toks]
@@ -117,11 +129,11 @@ def prepare_data(cfg: Config, tokenizer) -> Data:
             f"client {empty[0]} has no example that fits `data.max_length` = {cfg.data.max_length}; raise it"
         )
     order = np.random.default_rng([cfg.run.seed, EVAL_TAG]).permutation(len(heldout))
-    held, heldout_stats = tokenize_examples([heldout[i] for i in order], tokenizer, cfg.data.max_length)
+    held, heldout_stats = _tokenize(cfg, tokenizer, [heldout[i] for i in order], classes)
     if not held:
         raise ConfigError(f"no held-out example fits `data.max_length` = {cfg.data.max_length}; raise it")
-    references = [_reference(tokenizer, ex) for ex in held]
-    return Data(partition, clients, held, references, _sum_stats(stats), heldout_stats)
+    references = [classes[ex.label] for ex in held] if classes else [_reference(tokenizer, ex) for ex in held]
+    return Data(partition, clients, held, references, _sum_stats(stats), heldout_stats, classes)
 
 
 def _reference(tokenizer, ex: TokenizedExample) -> str:
@@ -158,8 +170,14 @@ class Experiment:
                            [self.config.run.seed, round, client, BATCH_TAG])
 
 
+def load(cfg: Config, num_labels: int = 2):
+    """The config's model and tokenizer (classification heads seeded by the run seed)."""
+    return load_model(cfg.model.name_or_path, task=cfg.model.resolved_task(cfg.data.dataset), dtype=cfg.model.dtype,
+                      device=cfg.run.device, trust_remote_code=cfg.model.trust_remote_code, num_labels=num_labels,
+                      seed=cfg.run.seed)
+
+
 def prepare(cfg: Config) -> Experiment:
-    module, tokenizer = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype, device=cfg.run.device,
-                                   trust_remote_code=cfg.model.trust_remote_code)
+    module, tokenizer = load(cfg)
     base_hash = content_hash(module)
     return Experiment(cfg, LocalModel.wrap(module), tokenizer, prepare_data(cfg, tokenizer), base_hash)

@@ -26,17 +26,35 @@ class ModelError(ValueError):
     """A model could not be loaded; the text says which and how to fix it."""
 
 
+PACKAGE_PREFIX = "python:"
+
+
+def resolve(name_or_path: str) -> str:
+    """``python:pkg/sub/dir`` names a model folder shipped inside an installed Python package."""
+    if not name_or_path.startswith(PACKAGE_PREFIX):
+        return name_or_path
+    import importlib.util
+
+    package, _, rest = name_or_path[len(PACKAGE_PREFIX):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"`model.name_or_path` {name_or_path!r}: Python package {package!r} is not installed")
+    return str(Path(list(spec.submodule_search_locations)[0]) / rest)
+
+
 def _looks_local(name_or_path: str) -> bool:
     return name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
 
 
 def load_model(name_or_path: str, *, task: str = "causal-lm", dtype: str = "float32", device: str = "cpu",
-               trust_remote_code: bool = False, num_labels: int = 2):
+               trust_remote_code: bool = False, num_labels: int = 2, seed: int = 0):
     """Load ``(model, tokenizer)`` with ``from_pretrained``.
 
     ``task`` is ``"causal-lm"`` or ``"classification"`` (a sequence-classification
-    head on an encoder, as in the GLUE experiments).
+    head on an encoder, as in the GLUE experiments). A new classification head is
+    initialised from ``seed``, so every party of a run starts from the same weights.
     """
+    name_or_path = resolve(name_or_path)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -56,7 +74,9 @@ def load_model(name_or_path: str, *, task: str = "causal-lm", dtype: str = "floa
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         if task == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=num_labels, **kwargs)
+            with torch.random.fork_rng():  # model initialisation only; protocol randomness never uses torch's RNG
+                torch.manual_seed(seed)
+                model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=num_labels, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except OSError as e:

@@ -14,7 +14,8 @@ from fedseed import wire
 from fedseed.algorithms import EVALUATOR, Algorithm, build_algorithm
 from fedseed.config import Config, load_config
 from fedseed.ledger import Ledger
-from fedseed.models import LocalModel, content_hash, load_model
+from fedseed.experiment import load
+from fedseed.models import LocalModel, content_hash
 from fedseed.runfolder import RunFolder
 
 
@@ -40,8 +41,7 @@ def rebuild(run_dir: str | Path, overrides: list[str] = ()) -> Rebuilt:
     folder = RunFolder(run_dir)
     ledger = Ledger.open(folder.ledger_path)
     cfg = load_config(folder.config_path, list(overrides))
-    module, tokenizer = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype, device=cfg.run.device,
-                                   trust_remote_code=cfg.model.trust_remote_code)
+    module, tokenizer = load(cfg)
     ledger.check_base(cfg.model.name_or_path, content_hash(module))
     model = LocalModel.wrap(module)
     algo = build_algorithm(cfg.algorithm, cfg.run.seed)

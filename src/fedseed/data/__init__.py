@@ -26,6 +26,9 @@ from fedseed.data.partition import (
 from fedseed.data.prompts import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, format_prompt
 from fedseed.data.tokenize import (
     IGNORE_INDEX,
+    ClassifiedExample,
+    collate_classification,
+    tokenize_classification,
     TokenizedExample,
     TruncationStats,
     collate,
@@ -33,6 +36,9 @@ from fedseed.data.tokenize import (
 )
 
 __all__ = [
+    "ClassifiedExample",
+    "collate_classification",
+    "tokenize_classification",
     "ALPACA_PROMPT",
     "ALPACA_PROMPT_NO_INPUT",
     "DATASETS",

@@ -193,3 +193,45 @@ def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.T
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass(frozen=True)
+class ClassifiedExample:
+    """One sentence as encoder input ids with its class index (SST-2 and other GLUE-style tasks)."""
+
+    input_ids: tuple[int, ...]
+    label: int
+
+
+def tokenize_classification(
+    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, max_length: int, classes: Sequence[str]
+) -> tuple[list[ClassifiedExample], TruncationStats]:
+    """Encode each example's ``input`` with the tokenizer's own special tokens; the label is ``output``'s class index.
+
+    Sentences are truncated (never dropped) to ``max_length``: the class is still known.
+    """
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({ex.output for ex in examples} - set(index))
+    if unknown:
+        raise DataError(f"labels {unknown[:3]} are not among the classes {list(classes)}")
+    ids = tokenizer([ex.input for ex in examples], add_special_tokens=True, verbose=False)["input_ids"]
+    out, truncated = [], 0
+    for row, ex in zip(ids, examples, strict=True):
+        truncated += len(row) > max_length
+        row = list(row[: max_length - 1]) + [row[-1]] if len(row) > max_length else list(row)
+        out.append(ClassifiedExample(tuple(map(int, row)), index[ex.output]))
+    return out, TruncationStats(total=len(examples), kept=len(out), truncated=truncated, dropped=0)
+
+
+def collate_classification(batch: Sequence[ClassifiedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` / ``attention_mask`` (B, T) and ``labels`` (B,)."""
+    if not batch:
+        raise DataError("`batch` is empty; collate needs at least one example")
+    width = max(len(ex.input_ids) for ex in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
+    for row, ex in enumerate(batch):
+        input_ids[row, : len(ex.input_ids)] = torch.tensor(ex.input_ids, dtype=torch.long)
+        attention_mask[row, : len(ex.input_ids)] = 1
+    labels = torch.tensor([ex.label for ex in batch], dtype=torch.long)  # (B,)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

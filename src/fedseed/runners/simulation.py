@@ -114,6 +114,9 @@ def evaluate(exp: Experiment, generation: bool, events: Events) -> dict[str, flo
     """Held-out loss, and (when asked) the generation metrics of the data set."""
     ev, module = exp.config.eval, exp.model.module
     held = exp.data.heldout
+    if exp.data.classes:  # classification: cheap, so accuracy at every evaluation
+        loss, acc = evaluation.classification_metrics(module, held[: ev.loss_examples], ev.batch_size, exp.pad_id)
+        return {"eval_loss": loss, "accuracy": acc}
     out = {"eval_loss": evaluation.heldout_loss(module, held[: ev.loss_examples], ev.batch_size, exp.pad_id)}
     if generation:
         n = min(ev.generate_examples, len(held))
