@@ -125,6 +125,12 @@ class LocalModel:
         """``w0`` in float32, captured when the model was wrapped, before any update."""
         return self._base
 
+    def retarget(self, trainable: list[tuple[str, torch.nn.Parameter]]) -> None:
+        """Make ``trainable`` the tensors algorithms update (e.g. LoRA adapters) and their current values ``w0``."""
+        self.trainable = trainable
+        self._base = [p.detach().to(torch.float32).clone() for _, p in trainable]
+        self._spaces.clear()
+
     def directions(self, distribution: str) -> DirectionSpace:
         """The direction space over the trainable tensors (built once per distribution)."""
         if distribution not in self._spaces:

@@ -11,7 +11,12 @@ from collections.abc import Callable
 from typing import Any
 
 from fedseed.algorithms.base import EVALUATOR, Algorithm, Batches, InvalidReply
+from fedseed.algorithms.fedavg import FedAvg, FedAvgConfig
+from fedseed.algorithms.fedit import FedIT, FedITConfig
+from fedseed.algorithms.fedkrso import FedKRSO, FedKRSOConfig
 from fedseed.algorithms.fedkseed import FedKSeed, FedKSeedConfig
+from fedseed.algorithms.fedzo import FedZO, FedZOConfig
+from fedseed.algorithms.ferret import Ferret, FerretConfig
 
 __all__ = ["EVALUATOR", "Algorithm", "Batches", "InvalidReply", "algorithm_config", "build_algorithm", "METHODS"]
 
@@ -19,6 +24,11 @@ __all__ = ["EVALUATOR", "Algorithm", "Batches", "InvalidReply", "algorithm_confi
 METHODS: dict[str, tuple[type, dict[str, Any], Callable[[Any, int], Algorithm]]] = {
     "fedkseed": (FedKSeedConfig, {"pro": False}, FedKSeed),
     "fedkseed-pro": (FedKSeedConfig, {"pro": True}, FedKSeed),
+    "ferret": (FerretConfig, {}, Ferret),
+    "fedkrso": (FedKRSOConfig, {}, FedKRSO),
+    "fedavg": (FedAvgConfig, {}, FedAvg),
+    "fedit": (FedITConfig, {}, FedIT),
+    "fedzo": (FedZOConfig, {}, FedZO),
 }
 
 

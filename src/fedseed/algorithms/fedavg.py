@@ -1,0 +1,105 @@
+"""FedAvg: full first-order fine-tuning, dense weights down and dense deltas up.
+
+The reference point the seed methods are measured against: every client takes
+``local_steps`` optimiser steps (SGD or AdamW, fresh optimiser state each round,
+as a stateless client would) on every trainable tensor and uploads the whole
+delta, ``4 * numel`` bytes; the server sends the whole model back down. The
+message types and the server side are :class:`~fedseed.algorithms.dense.DenseAlgorithm`'s.
+
+The local loop (:func:`first_order_steps`) is also FedIT's: FedIT is this loop
+on LoRA adapters instead of the whole model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fedseed.algorithms.base import Batches
+from fedseed.algorithms.dense import DenseAlgorithm, DenseTask, LocalRun, require_positive
+from fedseed.models import LocalModel
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass(frozen=True)
+class FedAvgConfig:
+    """Hyperparameters of the first-order local training (FedAvg, and FedIT on adapters)."""
+
+    local_steps: int = 10  # optimiser steps per client per round
+    lr: float = 1e-5
+    optimizer: str = "adamw"  # sgd | adamw
+    weight_decay: float = 0.0  # AdamW's decoupled decay (torch's default 0.01 would hide in here)
+    grad_accum: int = 1  # batches per optimiser step
+    max_grad_norm: float = 0.0  # clip the gradient norm to this; 0 = no clipping
+
+    def __post_init__(self) -> None:
+        require_positive(self, "local_steps", "lr", "grad_accum")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"`algorithm.optimizer` must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"`algorithm.{name}` must be >= 0, got {getattr(self, name)!r}")
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: FedAvgConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _accumulate(model: LocalModel, batches: Batches, grad_accum: int) -> float:
+    """Backward over ``grad_accum`` batches; the mean loss, or NaN (no further backward) if one is not finite."""
+    total = 0.0
+    for _ in range(grad_accum):
+        loss = model.loss(next(batches))
+        if not torch.isfinite(loss):
+            return math.nan
+        (loss / grad_accum).backward()
+        total += float(loss.detach())
+    return total / grad_accum
+
+
+def first_order_steps(model: LocalModel, batches: Batches, cfg: FedAvgConfig) -> LocalRun:
+    """``cfg.local_steps`` optimiser steps on ``model.trainable``, in train mode, back to eval after.
+
+    A step whose loss or gradient norm is not finite is skipped (counted, no
+    update), so one bad batch cannot poison the weights.
+    """
+    params = [p for _, p in model.trainable]
+    optimizer = make_optimizer(params, cfg)
+    # With no clipping, max_norm=inf still returns the norm and scales by exactly 1.0.
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+    losses: list[float] = []
+    skipped = 0
+    model.module.train()
+    try:
+        with torch.enable_grad():
+            for _ in range(cfg.local_steps):
+                optimizer.zero_grad(set_to_none=True)
+                loss = _accumulate(model, batches, cfg.grad_accum)
+                norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if math.isfinite(loss) else None
+                if norm is None or not torch.isfinite(norm):
+                    skipped += 1
+                    continue
+                optimizer.step()
+                losses.append(loss)
+    finally:
+        optimizer.zero_grad(set_to_none=True)  # free the gradients: evaluation and ZO methods need no grads
+        model.module.eval()
+    return LocalRun(cfg.local_steps, skipped, losses)
+
+
+class FedAvg(DenseAlgorithm):
+    """FedAvg on every trainable tensor of the model."""
+
+    name = "fedavg"
+
+    def __init__(self, config: FedAvgConfig, seed: int):
+        super().__init__(seed, config.local_steps)
+        self.config = config
+
+    def local_steps(self, model: LocalModel, batches: Batches, task: DenseTask) -> LocalRun:
+        return first_order_steps(model, batches, self.config)

@@ -1,0 +1,450 @@
+"""Ferret: first-order local steps, the update projected onto fresh seeded random bases.
+
+Each sampled client takes ``local_steps`` first-order steps (SGD or Adam, each over
+``grad_accum`` batches) from the global model and measures its local update
+``Delta = w_after - w_start``. It then cuts the trainable tensors into blocks of
+consecutive tensors and, for block ``l`` with ``K_l`` random bases
+``V_l = [v_1 .. v_{K_l}]`` (``d_l x K_l``), sends the coordinates
+
+    gamma_l = (rho K_l)^-1  V_l^T Delta_l           rho = E[v_i^2] of one basis entry
+
+without inverting anything. Since the entries of ``v`` are independent with mean 0
+and second moment ``rho``, ``E[V_l V_l^T] = rho K_l I``, so the reconstruction
+``V_l gamma_l = (rho K_l)^-1 V_l V_l^T Delta_l`` is an unbiased estimate of
+``Delta_l``; its relative error falls like ``sqrt(d_l / K_l)``. ``K_l`` is
+proportional to the block's update norm (at least 2), out of a total of
+``num_bases``.
+
+The bases come from one fresh seed per client per round, so Ferret is not linear
+in a fixed pool: the global model is the base plus every round's reconstructions,
+and a party that missed rounds replays them in order. The server keeps the
+committed updates in memory; a task carries the rounds its client lacks.
+
+Local training does not leave the model changed: ``train`` measures the update
+against a copy of the synced weights (which it needs for ``Delta`` anyway) and
+copies them back, so the copy stays at its ledger position and the next task
+carries only the rounds committed since.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, require
+from fedseed.directions import DISTRIBUTIONS, DirectionSpace, derive_seed
+from fedseed.models import DIRTY, LocalModel
+from fedseed.wire import F32, F32Array, F64Array, U32, U64, UIntArray, message
+
+SEED_TAG = 0xFE77  # the per-client-per-round seed
+OPTIMIZERS = ("sgd", "adam")
+BLOCK_FRACTION = 0.9  # official code: a block holds up to 0.9 x the median tensor size
+QUANTA = 2**24  # the generator's Gaussian draws u1, u2 on a grid of 2^24 points
+
+
+@dataclass(frozen=True)
+class FerretConfig:
+    """Hyperparameters of Ferret (paper values where the paper gives them)."""
+
+    num_bases: int = 1024  # K: bases per client per round, summed over blocks (tuned on stories260K)
+    local_steps: int = 10  # T: optimizer steps per round (official script: 40 batches, 4 per step)
+    grad_accum: int = 4  # batches per optimizer step (official script: n_accum 4)
+    lr: float = 1e-4  # local learning rate (paper)
+    optimizer: str = "sgd"  # sgd (official script, momentum 0) | adam
+    server_lr: float = 3.0  # global step on the mean reconstruction (paper: 3 on Dolly, 10 on NI)
+    block_size: int = 0  # elements per block; 0 = 0.9 x the median tensor size (official rule)
+    distribution: str = "gaussian"  # basis entries: gaussian | rademacher
+
+    def __post_init__(self) -> None:
+        for name in ("num_bases", "local_steps", "grad_accum", "lr", "server_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"`algorithm.{name}` must be > 0, got {getattr(self, name)!r}")
+        if self.block_size < 0:
+            raise ValueError(f"`algorithm.block_size` must be >= 0 (0 = automatic), got {self.block_size!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"`algorithm.optimizer` must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"`algorithm.distribution` must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
+
+
+# -- wire messages -------------------------------------------------------------------
+
+
+def _check_coordinates(bases: np.ndarray, coords: np.ndarray, contributions: int) -> None:
+    """``bases`` holds ``K_l`` for every (contribution, block); ``coords`` all their gammas."""
+    if contributions == 0:
+        if bases.size or coords.size:
+            raise ValueError("bases and coords must be empty when no contribution is carried")
+        return
+    if bases.size % contributions:
+        raise ValueError(f"{bases.size} bases entries do not split over {contributions} contributions")
+    if (bases < 2).any():
+        raise ValueError("every block needs at least 2 bases")
+    if int(bases.sum()) != coords.size:
+        raise ValueError(f"bases sum to {int(bases.sum())} but {coords.size} coords are given")
+
+
+@message(20)
+@dataclass(frozen=True)
+class FerretTask:
+    """Server -> client: the committed rounds ``since + 1 .. round - 1``, one after another.
+
+    Each carried round is a list of client contributions (seed, weight, ``K_l`` per
+    block, coordinates); ``counts`` says how many contributions each round has.
+    """
+
+    round: U32
+    client: U32
+    since: U32  # the ledger position the carried rounds start from (0: from the base weights)
+    counts: UIntArray  # (round - 1 - since,) contributions per carried round
+    seeds: UIntArray  # (N,) each contribution's seed
+    weights: F64Array  # (N,) server_lr * n_i / n_round: what the reconstruction is scaled by
+    bases: UIntArray  # (N * L,) K_l of each contribution's blocks
+    coords: F32Array  # (sum of bases,) gammas, contribution by contribution, block by block
+
+    def validate(self) -> None:
+        if self.since + self.counts.size != self.round - 1:
+            raise ValueError(f"{self.counts.size} rounds carried from {self.since} do not reach round {self.round - 1}")
+        if int(self.counts.sum()) != self.seeds.size or self.seeds.size != self.weights.size:
+            raise ValueError("counts, seeds and weights disagree on the number of contributions")
+        _check_coordinates(self.bases, self.coords, self.seeds.size)
+
+
+@message(21)
+@dataclass(frozen=True)
+class FerretReply:
+    """Client -> server: one seed, the bases per block, and the coordinates of the local update."""
+
+    round: U32
+    client: U32
+    num_examples: U32  # the client's training examples: its aggregation weight
+    steps: U32  # optimizer steps attempted; ``skipped`` of them met a non-finite loss or gradient
+    skipped: U32
+    loss: F32  # mean training loss over the kept batches
+    seed: U64  # the fresh seed of this client and round (< 2^63)
+    bases: UIntArray  # (L,) K_l per block, summing to num_bases
+    coords: F32Array  # (num_bases,) gamma_l of every block, in block order
+
+    def validate(self) -> None:
+        if self.skipped > self.steps:
+            raise ValueError(f"skipped {self.skipped} > steps {self.steps}")
+        _check_coordinates(self.bases, self.coords, 1)
+
+
+@message(22)
+@dataclass(frozen=True)
+class FerretUpdate:
+    """One round in the ledger: every accepted client's (seed, weight, K_l, coordinates)."""
+
+    round: U32
+    seeds: UIntArray  # (n,) in client order
+    weights: F64Array  # (n,) server_lr * n_i / n_round
+    bases: UIntArray  # (n * L,)
+    coords: F32Array  # (sum of bases,)
+
+    def validate(self) -> None:
+        if self.seeds.size == 0 or self.seeds.size != self.weights.size:
+            raise ValueError(f"{self.seeds.size} seeds but {self.weights.size} weights")
+        _check_coordinates(self.bases, self.coords, self.seeds.size)
+
+
+# -- blocks, seeds and bases ---------------------------------------------------------
+
+
+def partition_blocks(sizes: Sequence[int], block_size: int) -> list[list[int]]:
+    """Runs of consecutive tensors of about ``block_size`` elements (indices into ``sizes``).
+
+    A tensor joins the current block unless that would push it past ``block_size``;
+    a tensor larger than ``block_size`` is a block of its own. ``block_size = 0``
+    is the official code's rule, ``0.9 x`` the median tensor size, so the blocks
+    follow the model: every large matrix alone, the small norms grouped.
+    """
+    target = block_size or int(BLOCK_FRACTION * float(np.median(sizes)))
+    blocks: list[list[int]] = []
+    filled = 0
+    for i, n in enumerate(sizes):
+        if blocks and blocks[-1] and filled + n <= target:
+            blocks[-1].append(i)
+            filled += n
+        else:
+            blocks.append([i])
+            filled = n
+    return blocks
+
+
+def second_moment(distribution: str) -> float:
+    """``rho = E[v_i^2]`` of one basis entry, exact for the generator's quantised draws.
+
+    Rademacher entries are +-1: ``rho = 1``. Gaussian entries are the generator's
+    Box-Muller ``sqrt(-2 ln u1) cos(2 pi u2)`` with ``u1 = j / N`` (``j = 1..N``) and
+    ``u2 = j / N`` (``j = 0..N-1``), ``N = 2^24``: ``E[cos^2] = 1/2`` exactly on that
+    grid, so ``rho = E[-ln u1] = ln N - ln(N!) / N`` (about ``1 - 5.5e-7``).
+    """
+    if distribution == "rademacher":
+        return 1.0
+    return math.log(QUANTA) - math.lgamma(QUANTA + 1) / QUANTA
+
+
+def client_seed(run_seed: int, round: int, client: int) -> int:
+    """The fresh seed of one client in one round (63 bits: the wire's uint[] stops at 2^63)."""
+    return derive_seed(run_seed, round, client, SEED_TAG) >> 1
+
+
+def basis_seeds(seed: int, count: int) -> np.ndarray:
+    """Seeds of bases ``0 .. count-1``; every block uses a prefix (their tensors differ, so do the bases)."""
+    return np.array([derive_seed(seed, k) for k in range(count)], dtype=np.uint64)
+
+
+def allocate_bases(norms: np.ndarray, total: int) -> np.ndarray:
+    """``K_l``: 2 per block, the rest in proportion to the block's update norm, summing to ``total``.
+
+    The proportional shares are floored and the leftover bases go to the largest
+    remainders (ties to the earlier block), so every party computes the same
+    integers. A zero update spreads the bases evenly.
+    """
+    num = norms.size
+    extra = total - 2 * num
+    weights = norms if norms.sum() > 0 else np.ones(num)
+    share = extra * weights / weights.sum()
+    counts = np.floor(share).astype(np.int64)
+    leftover = extra - int(counts.sum())
+    counts[np.argsort(-(share - counts), kind="stable")[:leftover]] += 1
+    return counts + 2
+
+
+def coordinates(delta: Sequence[tuple[str, torch.Tensor]], seed: int, count: int, distribution: str) -> np.ndarray:
+    """``gamma = (rho K)^-1 V^T delta`` for one block (float64, shape (count,)).
+
+    ``delta`` is the block's update as ``(parameter name, tensor)`` pairs: the names
+    fix the bases, so the update must carry its parameters' names.
+    """
+    projected = DirectionSpace(delta, distribution).project(basis_seeds(seed, count))  # (K,)
+    return projected / (second_moment(distribution) * count)
+
+
+# -- the algorithm -------------------------------------------------------------------
+
+
+class Ferret(Algorithm):
+    """Ferret: first-order local updates sent as coordinates on per-block random bases."""
+
+    name = "ferret"
+    Task, Reply, Update = FerretTask, FerretReply, FerretUpdate
+
+    def __init__(self, config: FerretConfig, seed: int):
+        self.config = config
+        self.seed = seed
+        self.history: list[FerretUpdate] = []  # committed updates, round 1 first: what late clients replay
+        self.blocks: list[list[int]] | None = None  # set by bind: indices into model.trainable
+        self.committed = 0
+
+    def bind(self, model: LocalModel) -> None:
+        """Fix the model's block layout (the server checks replies against it)."""
+        self.blocks = self._blocks(model)
+
+    def _blocks(self, model: LocalModel) -> list[list[int]]:
+        blocks = partition_blocks([p.numel() for _, p in model.trainable], self.config.block_size)
+        if self.config.num_bases < 2 * len(blocks):
+            raise ValueError(
+                f"`algorithm.num_bases` = {self.config.num_bases} leaves fewer than 2 bases for some of the "
+                f"model's {len(blocks)} blocks; set it to at least {2 * len(blocks)} or raise `algorithm.block_size`"
+            )
+        return blocks
+
+    def _num_blocks(self) -> int:
+        if self.blocks is None:
+            raise RuntimeError("ferret: call bind(model) before the server hooks")
+        return len(self.blocks)
+
+    # -- server ------------------------------------------------------------------
+    def task(self, round: int, client: int, since: int = 0) -> FerretTask:
+        """The rounds ``since + 1 .. round - 1``; an unknown position (DIRTY, ahead) replays from the base."""
+        if round - 1 > self.committed:
+            raise ValueError(f"ferret: round {round} needs round {round - 1} committed, not {self.committed}")
+        since = since if 0 <= since <= round - 1 else 0
+        carried = self.history[since : round - 1]
+        if not carried:
+            empty = np.zeros(0, dtype=np.int64)
+            return FerretTask(round, client, since, empty, empty, np.zeros(0), empty, np.zeros(0, np.float32))
+        return FerretTask(
+            round, client, since,
+            np.array([u.seeds.size for u in carried], dtype=np.int64),
+            np.concatenate([u.seeds for u in carried]),
+            np.concatenate([u.weights for u in carried]),
+            np.concatenate([u.bases for u in carried]),
+            np.concatenate([u.coords for u in carried]),
+        )
+
+    def check(self, reply: FerretReply, task: FerretTask) -> None:
+        cfg, num_blocks = self.config, self._num_blocks()
+        require(reply.round == task.round, f"`round` is {reply.round}, the task was for round {task.round}")
+        require(reply.client == task.client, f"`client` is {reply.client}, the task was sent to {task.client}")
+        require(reply.num_examples > 0, "`num_examples` must be > 0")
+        require(reply.steps <= cfg.local_steps, f"`steps` {reply.steps} > local_steps {cfg.local_steps}")
+        require(reply.skipped <= reply.steps, f"`skipped` {reply.skipped} > steps {reply.steps}")
+        require(math.isfinite(reply.loss), f"`loss` is {reply.loss}, not finite")
+        expected = client_seed(self.seed, reply.round, reply.client)
+        require(reply.seed == expected, f"`seed` is {reply.seed}, this client's seed for the round is {expected}")
+        require(reply.bases.size == num_blocks, f"`bases` has {reply.bases.size} blocks, the model has {num_blocks}")
+        require(bool((reply.bases >= 2).all()), "`bases` gives some block fewer than 2 bases")
+        total = int(reply.bases.sum())
+        require(total == cfg.num_bases, f"`bases` sum to {total}, not num_bases {cfg.num_bases}")
+        require(reply.coords.size == total, f"`coords` has {reply.coords.size} values, the bases need {total}")
+        require(bool(np.isfinite(reply.coords).all()), "`coords` holds non-finite values")
+
+    def aggregate(self, round: int, replies: Sequence[FerretReply]) -> FerretUpdate:
+        if not replies:
+            raise InvalidReply(f"round {round}: no replies to aggregate")
+        ordered = sorted(replies, key=lambda r: r.client)  # arrival order must not change the bits
+        total = float(sum(r.num_examples for r in ordered))
+        return FerretUpdate(
+            round,
+            np.array([r.seed for r in ordered], dtype=np.int64),
+            np.array([self.config.server_lr * r.num_examples / total for r in ordered]),
+            np.concatenate([r.bases for r in ordered]),
+            np.concatenate([r.coords for r in ordered]),
+        )
+
+    def commit(self, update: FerretUpdate) -> None:
+        self.expect_next(update)
+        num_blocks = self._num_blocks()
+        require(update.bases.size == update.seeds.size * num_blocks,
+                f"update has {update.bases.size} bases entries for {update.seeds.size} clients x {num_blocks} blocks")
+        self.history.append(update)
+        self.committed = update.round
+
+    # -- client ------------------------------------------------------------------
+    def sync(self, model: LocalModel, task: FerretTask) -> None:
+        """Replay the carried rounds onto a copy at ``task.since`` (``since = 0``: from the base)."""
+        blocks = self._blocks(model)
+        if task.since == 0 and model.position != 0:
+            _restore_(model, model.base)
+        elif model.position != task.since:
+            raise ValueError(
+                f"ferret: the model is at ledger position {model.position}, but the task replays rounds after "
+                f"{task.since}; ask the server for task(round, client, since={model.position}) or since=0"
+            )
+        if task.seeds.size and task.bases.size != task.seeds.size * len(blocks):
+            raise ValueError(f"ferret: the task's bases are not {len(blocks)} blocks per contribution; "
+                             "was it made for another model or block_size?")
+        spaces = [DirectionSpace([model.trainable[i] for i in block], self.config.distribution) for block in blocks]
+        first = 0
+        for count in task.counts.tolist():
+            rows = slice(first, first + count)
+            offset = int(task.bases[: first * len(blocks)].sum())
+            bases = task.bases[first * len(blocks) : (first + count) * len(blocks)].reshape(count, len(blocks))
+            _apply_round_(spaces, task.seeds[rows], task.weights[rows], bases, task.coords[offset:])
+            first += count
+        model.position = task.round - 1
+
+    def train(self, model: LocalModel, batches: Batches, task: FerretTask) -> FerretReply:
+        cfg = self.config
+        self.sync(model, task)
+        blocks = self._blocks(model)
+        start = [p.detach().clone() for _, p in model.trainable]  # exact copy: restored bit for bit below
+        model.position = DIRTY
+        with torch.enable_grad():
+            steps, skipped, losses = _local_steps(model, batches, cfg)
+        delta = _take_delta_and_restore_(model, start)
+        model.position = task.round - 1
+        seed = client_seed(self.seed, task.round, task.client)
+        norms = np.array([math.sqrt(sum(float(delta[i].double().square().sum()) for i in b)) for b in blocks])
+        bases = allocate_bases(norms, cfg.num_bases)  # (L,)
+        coords = [
+            coordinates([(model.trainable[i][0], delta[i]) for i in block], seed, int(k), cfg.distribution)
+            for block, k in zip(blocks, bases)
+        ]
+        flat = np.concatenate(coords).astype(np.float32)
+        if not np.isfinite(flat).all():
+            raise FloatingPointError("ferret: the update's coordinates overflow float32; lower `algorithm.lr`")
+        loss = float(np.mean(losses)) if losses else 0.0
+        return FerretReply(task.round, task.client, batches.num_examples, steps, skipped, loss, seed, bases, flat)
+
+
+# -- client helpers ------------------------------------------------------------------
+
+
+def _apply_round_(spaces: list[DirectionSpace], seeds: np.ndarray, weights: np.ndarray, bases: np.ndarray,
+                  coords: np.ndarray) -> None:
+    """Add one round's ``sum_i weight_i V_i,l gamma_i,l`` to every block, one fused pass per block.
+
+    ``bases`` is (clients, L); ``coords`` starts at the round's first coordinate.
+    Contributions go in the update's (client) order, so every party adds the same
+    float32 sums.
+    """
+    per_block_seeds: list[list[np.ndarray]] = [[] for _ in spaces]
+    per_block_coeffs: list[list[np.ndarray]] = [[] for _ in spaces]
+    offset = 0
+    for seed, weight, counts in zip(seeds.tolist(), weights.tolist(), bases):
+        all_bases = basis_seeds(seed, int(counts.max()))
+        for l, k in enumerate(counts.tolist()):
+            gamma = coords[offset : offset + k].astype(np.float64)
+            per_block_seeds[l].append(all_bases[:k])
+            per_block_coeffs[l].append(weight * gamma)
+            offset += k
+    for space, block_seeds, block_coeffs in zip(spaces, per_block_seeds, per_block_coeffs):
+        space.add_(np.concatenate(block_seeds), np.concatenate(block_coeffs))
+
+
+def _restore_(model: LocalModel, source: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for (_, p), s in zip(model.trainable, source):
+            p.copy_(s)
+
+
+def _optimizer(params: list[torch.nn.Parameter], cfg: FerretConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    return torch.optim.SGD(params, lr=cfg.lr)
+
+
+def _local_steps(model: LocalModel, batches: Batches, cfg: FerretConfig) -> tuple[int, int, list[float]]:
+    """``local_steps`` optimizer steps of ``grad_accum`` batches each; returns (steps, skipped, losses).
+
+    A step whose batches give a non-finite loss or gradient is skipped (no update)
+    and counted, never silently folded in.
+    """
+    params = [p for _, p in model.trainable]
+    opt = _optimizer(params, cfg)
+    skipped, losses = 0, []
+    for _ in range(cfg.local_steps):
+        opt.zero_grad(set_to_none=True)
+        kept = []
+        for _ in range(cfg.grad_accum):
+            loss = model.loss(next(batches))
+            if not torch.isfinite(loss):
+                break
+            (loss / cfg.grad_accum).backward()
+            kept.append(float(loss.detach()))
+        finite = len(kept) == cfg.grad_accum and all(
+            p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params
+        )
+        if finite:
+            opt.step()
+            losses.extend(kept)
+        else:
+            skipped += 1
+    opt.zero_grad(set_to_none=True)
+    return cfg.local_steps, skipped, losses
+
+
+def _take_delta_and_restore_(model: LocalModel, start: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``w_after - w_start`` per tensor in float32, restoring each tensor as soon as its delta is taken.
+
+    Consumes ``start``: each copy is dropped once restored, so the extra memory stays
+    at about one copy of the model (the deltas replace the copies).
+    """
+    delta = []
+    with torch.no_grad():
+        for _, p in reversed(model.trainable):
+            s = start.pop()
+            delta.append(p.detach().to(torch.float32) - s.to(torch.float32))
+            p.copy_(s)
+    delta.reverse()
+    if not all(bool(torch.isfinite(d).all()) for d in delta):
+        raise FloatingPointError("ferret: local training diverged (non-finite weights); lower `algorithm.lr`")
+    return delta

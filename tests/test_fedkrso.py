@@ -1,0 +1,280 @@
+"""FedKRSO on the real stories260K and Dolly: learning, subspace updates, memory, bytes, ledger replay.
+
+One short federated run (5 clients, 2 per round, 3 rounds) is shared by the
+tests that need a trained ledger.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fedseed import wire
+from fedseed.algorithms import EVALUATOR, InvalidReply
+from fedseed.algorithms.fedkrso import (
+    FedKRSO,
+    FedKRSOConfig,
+    Subspace,
+    SubspaceReply,
+    chunk_size,
+    matrices,
+    projection,
+)
+from fedseed.config import ConfigError, load_config
+from fedseed.experiment import Experiment, prepare
+from fedseed.ledger import Ledger
+from fedseed.models import LocalModel, load_model
+from fedseed.runfolder import RunFolder
+from fedseed.runners.simulation import simulate
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+MODEL = SHARED / "models" / "stories260K"
+DOLLY = SHARED / "data" / "dolly" / "databricks-dolly-15k.jsonl"
+ROUNDS = 3
+ALGORITHM = {"name": "fedkrso", "num_seeds": 4, "rank": 4, "interval": 3, "local_steps": 6, "lr": 2e-3}
+ROWS = 3512  # stories260K: embedding 512 + 5 layers x (64 + 32 + 32 + 64 + 172 + 172 + 64)
+
+
+def experiment_config(output_dir: Path, algorithm: dict) -> object:
+    return load_config({
+        "run": {"output_dir": str(output_dir), "seed": 7},
+        "model": {"name_or_path": str(MODEL)},
+        "data": {"path": str(DOLLY), "holdout": "summarization", "max_length": 384, "max_train_examples": 300},
+        "federation": {"num_clients": 5, "clients_per_round": 2, "rounds": ROUNDS},
+        "algorithm": algorithm,
+        "eval": {"loss_examples": 16, "generate_examples": 1, "max_new_tokens": 2},
+    })
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Experiment, RunFolder, Ledger]:
+    out = tmp_path_factory.mktemp("fedkrso")
+    cfg = experiment_config(out, ALGORITHM)
+    exp = prepare(cfg)
+    folder = RunFolder(out)
+    folder.create(cfg, exp.data.partition.to_json())
+    ledger = simulate(exp, folder)
+    return exp, folder, ledger
+
+
+def fresh_model() -> LocalModel:
+    module, _ = load_model(str(MODEL))
+    return LocalModel.wrap(module)
+
+
+def fresh_server(exp: Experiment, model: LocalModel, ledger: Ledger, rounds: int) -> FedKRSO:
+    algo = exp.algorithm()
+    algo.bind(model)
+    for update in ledger.decoded(FedKRSO.Update)[:rounds]:
+        algo.commit(update)
+    return algo
+
+
+def sync_over_wire(algo: FedKRSO, model: LocalModel, round: int, since: int) -> None:
+    task = algo.task(round, EVALUATOR, since)
+    algo.sync(model, wire.decode(wire.encode(task), FedKRSO.Task))
+
+
+def assert_same_weights(a: LocalModel, b: LocalModel) -> None:
+    for (name, p), (_, q) in zip(a.trainable, b.trainable):
+        assert torch.equal(p, q), name
+
+
+# -- end to end --------------------------------------------------------------------------
+
+
+def test_heldout_loss_falls_over_rounds(run):
+    _, folder, _ = run
+    rows = folder.metrics()
+    assert [r["round"] for r in rows] == list(range(ROUNDS + 1))
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] - 0.5  # base 4.69; about 3.8 after 3 rounds
+    assert all(r["skipped_steps"] == 0 for r in rows[1:])
+
+
+def test_bytes_are_the_encoded_lengths_and_match_the_formula(run):
+    exp, folder, ledger = run
+    per_seed = 1 + 4 * chunk_size(matrices(exp.model), ALGORITHM["rank"])  # id (u8) + S float32
+    assert per_seed == 1 + 4 * ALGORITHM["rank"] * ROWS
+    touched: set[int] = set()
+    for row, update, frame in zip(folder.metrics()[1:], ledger.decoded(FedKRSO.Update), ledger.updates):
+        used = []
+        for c in row["clients"]:
+            u, rest = divmod(row["uplink_bytes"][str(c)] - 37, per_seed)  # reply = 37 + u (1 + 4S)
+            assert rest == 0 and 1 <= u <= 2  # 6 steps / interval 3 = at most 2 subspaces
+            used.append(u)
+        assert max(used) <= update.seed_ids.size <= sum(used)
+        assert len(frame) == 17 + update.seed_ids.size * per_seed  # the ledger record: 17 + U (1 + 4S)
+        # first client: the copy was synced at the last evaluation, so the task is empty (25 bytes);
+        # second: the first one trained the shared copy, so it gets the t touched seeds' totals
+        first, second = (row["downlink_bytes"][str(c)] for c in row["clients"])
+        assert (first, second) == (25, 25 + len(touched) * per_seed)
+        touched |= set(update.seed_ids.tolist())
+
+
+def test_ledger_replay_rebuilds_the_live_model_bit_for_bit(run):
+    exp, folder, _ = run
+    model = fresh_model()
+    algo = fresh_server(exp, model, Ledger.open(folder.ledger_path), ROUNDS)
+    sync_over_wire(algo, model, ROUNDS + 1, model.position)
+    assert model.position == ROUNDS == exp.model.position
+    assert_same_weights(model, exp.model)
+    assert not all(torch.equal(p, w0) for (_, p), w0 in zip(model.trainable, model.base))
+
+
+def test_a_client_that_missed_rounds_catches_up(run):
+    exp, _, ledger = run
+    model = fresh_model()
+    sync_over_wire(fresh_server(exp, model, ledger, 1), model, 2, 0)  # took part in round 2 only, then left
+    assert model.position == 1
+    algo = fresh_server(exp, model, ledger, ROUNDS)
+    sync_over_wire(algo, model, ROUNDS + 1, model.position)
+    assert_same_weights(model, exp.model)
+    model.position = -1
+    with pytest.raises(ValueError, match="since=-1"):
+        algo.sync(model, algo.task(ROUNDS + 1, EVALUATOR, ROUNDS))  # an empty task made for a synced copy
+
+
+def test_each_round_moves_every_matrix_inside_the_span_of_its_projections(run):
+    exp, _, ledger = run
+    before, after = fresh_model(), fresh_model()
+    sync_over_wire(fresh_server(exp, before, ledger, ROUNDS - 1), before, ROUNDS, 0)
+    algo = fresh_server(exp, after, ledger, ROUNDS)
+    sync_over_wire(algo, after, ROUNDS + 1, 0)
+    used = ledger.decoded(FedKRSO.Update)[ROUNDS - 1].seed_ids.tolist()
+    unused = sorted(set(range(ALGORITHM["num_seeds"])) - set(used))
+    assert unused, "the control needs a seed this round did not use"
+    mats = {m.index for m in matrices(after)}
+    for i, ((name, w1), (_, w0)) in enumerate(zip(after.trainable, before.trainable)):
+        step = (w1 - w0).detach().double()  # (m, n)
+        if i not in mats:
+            assert not step.any(), name  # norms are not trained
+            continue
+        assert step.norm() > 0, name
+        assert row_space_residual(step, [algo.pool[k] for k in used], name) < 1e-3, name  # float32 rounding only
+        assert row_space_residual(step, [algo.pool[k] for k in unused], name) > 0.5, name
+
+
+def row_space_residual(step: torch.Tensor, seeds: list[int], name: str) -> float:
+    """How much of ``step`` (m x n) lies outside the span of the rows of the seeds' projections."""
+    rows = torch.cat([projection(s, name, ALGORITHM["rank"], step.shape[1]) for s in seeds]).double()
+    q, _ = torch.linalg.qr(rows.T)  # (n, |seeds| r): orthonormal basis of the rows of the P_k
+    return float((step - step @ q @ q.T).norm() / step.norm())
+
+
+def test_subspace_gradient_is_the_projected_full_gradient(run):
+    exp, _, _ = run
+    model = fresh_model()
+    batch = next(exp.batches(1, 1))
+    model.loss(batch).backward()
+    full = {m.name: m.weight.grad.clone() for m in matrices(model)}
+    subspace = Subspace(matrices(model), 99, FedKRSOConfig(rank=4))
+    with torch.enable_grad(), subspace.attached():
+        grads = torch.autograd.grad(model.loss(batch), subspace.accumulators)
+    for mat, g, p in zip(subspace.mats, grads, subspace.projections):
+        expected = full[mat.name] @ p.T  # (m, n) @ (n, r)
+        assert torch.allclose(g, expected, rtol=1e-3, atol=1e-6), mat.name
+
+
+def peak_tensor_bytes(step: Callable[[], torch.optim.Optimizer]) -> tuple[int, torch.optim.Optimizer]:
+    """The step's peak of live CPU tensor bytes, from the profiler's allocation events."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        optimizer = step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    level = top = 0
+    for _, nbytes in events:
+        level += nbytes
+        top = max(top, level)
+    return top, optimizer
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim())
+
+
+def test_a_client_step_keeps_optimizer_state_only_for_the_accumulators(run):
+    exp, _, _ = run
+    model = fresh_model()
+    batch = next(exp.batches(1, 1))
+
+    def subspace_step() -> torch.optim.Optimizer:
+        subspace = Subspace(matrices(model), 123, FedKRSOConfig(rank=4, optimizer="adam"))
+        assert subspace.step(model, batch) is not None
+        assert all(m.weight.grad is None for m in subspace.mats)  # no full gradient was formed
+        return subspace.optimizer
+
+    def full_adam_step() -> torch.optim.Optimizer:
+        optimizer = torch.optim.Adam([p for _, p in model.trainable], lr=1e-3)
+        model.loss(batch).backward()
+        optimizer.step()
+        return optimizer
+
+    krso_peak, krso = peak_tensor_bytes(subspace_step)
+    adam_peak, adam = peak_tensor_bytes(full_adam_step)
+    assert state_bytes(krso) == 2 * 4 * ROWS * 4  # exp_avg + exp_avg_sq, (m, r) float32 per matrix
+    assert state_bytes(adam) == 2 * model.numel * 4
+    assert state_bytes(krso) < state_bytes(adam) / 10
+    print(f"peak tensor bytes of one step: fedkrso {krso_peak}, full adam {adam_peak}; "
+          f"optimizer state: fedkrso {state_bytes(krso)}, full adam {state_bytes(adam)}")
+
+
+def test_non_finite_losses_are_skipped_and_counted(run):
+    exp, _, _ = run
+    algo = exp.algorithm()
+    model = fresh_model()
+    algo.bind(model)
+    task = algo.task(1, 0, 0)
+
+    class Unlabelled:  # every token masked: the mean loss is 0/0
+        num_examples = 3
+
+        def __next__(self):
+            batch = next(exp.batches(1, 0))
+            return {**batch, "labels": torch.full_like(batch["labels"], -100)}
+
+    reply = algo.train(model, Unlabelled(), task)
+    assert (reply.steps, reply.skipped, reply.loss) == (6, 6, 0.0)
+    assert not reply.values.any()
+    per_seed = 1 + 4 * ALGORITHM["rank"] * ROWS
+    assert len(wire.encode(reply)) == 37 + reply.seed_ids.size * per_seed
+    algo.check(wire.decode(wire.encode(reply), SubspaceReply), task)
+
+
+# -- validation --------------------------------------------------------------------------
+
+
+def test_check_rejects_replies_that_do_not_fit(run):
+    exp, _, _ = run
+    algo = FedKRSO(FedKRSOConfig(**{k: v for k, v in ALGORITHM.items() if k != "name"}), seed=7)
+    algo.bind(exp.model)
+    task = algo.task(1, 3, 0)
+    chunk = 4 * ROWS
+    good = SubspaceReply(1, 3, 10, 6, 0, 2.0, np.array([0, 2]), np.zeros(2 * chunk, np.float32))
+    algo.check(good, task)
+    for change, field in [
+        (dict(round=2), "`round`"),
+        (dict(client=4), "`client`"),
+        (dict(steps=7), "`steps`"),
+        (dict(seed_ids=np.array([0, 4])), "outside the pool"),
+        (dict(seed_ids=np.array([0, 1, 2]), values=np.zeros(3 * chunk, np.float32)), "at most 2"),
+        (dict(values=np.zeros(2 * chunk - 2, np.float32)), "`values` has"),
+        (dict(values=np.full(2 * chunk, np.nan, np.float32)), "non-finite"),
+    ]:
+        with pytest.raises(InvalidReply, match=field):
+            algo.check(dataclasses.replace(good, **change), task)
+    with pytest.raises(wire.WireError, match="increasing"):
+        wire.decode(wire.encode(dataclasses.replace(good, seed_ids=np.array([2, 0]))), SubspaceReply)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="algorithm.rank"):
+        experiment_config(Path("/tmp/unused"), {**ALGORITHM, "rank": 0})
+    with pytest.raises(ConfigError, match="algorithm.optimizer"):
+        experiment_config(Path("/tmp/unused"), {**ALGORITHM, "optimizer": "lion"})
+    with pytest.raises(ConfigError, match="algorithm.num_bases"):
+        experiment_config(Path("/tmp/unused"), {**ALGORITHM, "num_bases": 8})

@@ -1,0 +1,287 @@
+"""Ferret on the real stories260K and Dolly: learning, unbiased reconstruction, bytes, ledger replay.
+
+One short federated run (5 clients, 2 per round, 3 rounds) is shared by the
+tests that need a trained ledger; the reconstruction statistics run on random
+updates with fixed seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedseed import wire
+from fedseed.algorithms import EVALUATOR, InvalidReply
+from fedseed.algorithms.ferret import (
+    Ferret,
+    FerretConfig,
+    FerretReply,
+    allocate_bases,
+    basis_seeds,
+    client_seed,
+    coordinates,
+    partition_blocks,
+    second_moment,
+)
+from fedseed.config import ConfigError, load_config
+from fedseed.directions import DirectionSpace
+from fedseed.directions.generator import values
+from fedseed.experiment import Experiment, prepare
+from fedseed.ledger import Ledger
+from fedseed.models import LocalModel, load_model
+from fedseed.runfolder import RunFolder
+from fedseed.runners.simulation import simulate
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+MODEL = SHARED / "models" / "stories260K"
+DOLLY = SHARED / "data" / "dolly" / "databricks-dolly-15k.jsonl"
+ROUNDS = 3
+ALGORITHM = {"name": "ferret", "num_bases": 1024, "local_steps": 3, "grad_accum": 2, "lr": 3e-3, "server_lr": 3.0}
+
+
+def experiment_config(output_dir: Path, algorithm: dict) -> object:
+    return load_config({
+        "run": {"output_dir": str(output_dir), "seed": 7},
+        "model": {"name_or_path": str(MODEL)},
+        "data": {"path": str(DOLLY), "holdout": "summarization", "max_length": 384, "max_train_examples": 300},
+        "federation": {"num_clients": 5, "clients_per_round": 2, "rounds": ROUNDS},
+        "algorithm": algorithm,
+        "eval": {"loss_examples": 16, "generate_examples": 1, "max_new_tokens": 2},
+    })
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Experiment, RunFolder, Ledger]:
+    out = tmp_path_factory.mktemp("ferret")
+    cfg = experiment_config(out, ALGORITHM)
+    exp = prepare(cfg)
+    folder = RunFolder(out)
+    folder.create(cfg, exp.data.partition.to_json())
+    ledger = simulate(exp, folder)
+    return exp, folder, ledger
+
+
+def fresh_model() -> LocalModel:
+    module, _ = load_model(str(MODEL))
+    return LocalModel.wrap(module)
+
+
+def fresh_server(exp: Experiment, model: LocalModel, ledger: Ledger, rounds: int) -> Ferret:
+    algo = exp.algorithm()
+    algo.bind(model)
+    for update in ledger.decoded(Ferret.Update)[:rounds]:
+        algo.commit(update)
+    return algo
+
+
+def sync_over_wire(algo: Ferret, model: LocalModel, round: int, since: int) -> None:
+    task = algo.task(round, EVALUATOR, since)
+    algo.sync(model, wire.decode(wire.encode(task), Ferret.Task))
+
+
+def assert_same_weights(a: LocalModel, b: LocalModel) -> None:
+    for (name, p), (_, q) in zip(a.trainable, b.trainable):
+        assert torch.equal(p, q), name
+
+
+def uint_width(top: int) -> int:
+    return next(w for w in (1, 2, 4, 8) if top < 1 << (8 * w))
+
+
+# -- end to end --------------------------------------------------------------------------
+
+
+def test_heldout_loss_falls_over_rounds(run):
+    _, folder, _ = run
+    rows = folder.metrics()
+    assert [r["round"] for r in rows] == list(range(ROUNDS + 1))
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] - 0.3  # base 4.69; about 3.9 after 3 rounds
+    assert all(r["skipped_steps"] == 0 for r in rows[1:])
+
+
+def test_bytes_are_the_encoded_lengths_and_match_the_formula(run):
+    exp, folder, ledger = run
+    k, num_blocks = ALGORITHM["num_bases"], 41  # stories260K: 40 blocks in 5 layers + the embedding
+    assert len(partition_blocks([p.numel() for _, p in exp.model.trainable], 0)) == num_blocks
+    updates = ledger.decoded(Ferret.Update)
+    for row, update, frame in zip(folder.metrics()[1:], updates, ledger.updates):
+        clients = row["clients"]
+        bases = update.bases.reshape(len(clients), num_blocks)
+        for c, per_block in zip(clients, bases):
+            # reply = header 4 + six 4-byte scalars + seed 8 + uint[] (5 + L w) + f32[] (4 + 4K)
+            assert row["uplink_bytes"][str(c)] == 45 + num_blocks * uint_width(int(per_block.max())) + 4 * k
+            # the live copy is synced at every evaluation, so each task carries no round: 39 bytes
+            assert row["downlink_bytes"][str(c)] == 39
+        n, w = len(clients), uint_width(int(update.bases.max()))
+        assert len(frame) == 26 + 16 * n + n * num_blocks * w + 4 * n * k  # the ledger record's frame
+    # a client that has nothing but the base model gets every round replayed
+    algo = fresh_server(exp, exp.model, ledger, ROUNDS)
+    total = sum(u.seeds.size for u in updates)
+    w = uint_width(max(int(u.bases.max()) for u in updates))
+    expected = 39 + ROUNDS * 1 + 16 * total + total * num_blocks * w + 4 * total * k
+    assert len(wire.encode(algo.task(ROUNDS + 1, EVALUATOR, 0))) == expected
+
+
+def test_ledger_replay_rebuilds_the_live_model_bit_for_bit(run):
+    exp, folder, _ = run
+    model = fresh_model()
+    algo = fresh_server(exp, model, Ledger.open(folder.ledger_path), ROUNDS)
+    sync_over_wire(algo, model, ROUNDS + 1, model.position)
+    assert model.position == ROUNDS == exp.model.position
+    assert_same_weights(model, exp.model)
+    assert not all(torch.equal(p, w0) for (_, p), w0 in zip(model.trainable, model.base))
+
+
+def test_a_client_that_missed_rounds_replays_them_and_catches_up(run):
+    exp, _, ledger = run
+    model = fresh_model()
+    algo = fresh_server(exp, model, ledger, ROUNDS)
+    sync_over_wire(algo, model, 2, 0)  # took part in round 2 only, then left
+    assert model.position == 1
+    with pytest.raises(ValueError, match="position 1"):
+        algo.sync(model, algo.task(ROUNDS + 1, EVALUATOR, 2))  # a task made for another copy
+    task = algo.task(ROUNDS + 1, EVALUATOR, model.position)
+    assert task.counts.size == ROUNDS - 1  # rounds 2 .. ROUNDS
+    algo.sync(model, wire.decode(wire.encode(task), Ferret.Task))
+    assert_same_weights(model, exp.model)
+
+
+def test_a_dirty_copy_is_rebuilt_from_the_base(run):
+    exp, _, ledger = run
+    model = fresh_model()
+    algo = fresh_server(exp, model, ledger, ROUNDS)
+    with torch.no_grad():
+        model.trainable[3][1].add_(1.0)
+    model.position = -1  # changed locally, as after a crash mid-training
+    sync_over_wire(algo, model, ROUNDS + 1, model.position)
+    assert_same_weights(model, exp.model)
+
+
+def test_training_restores_the_synced_weights_and_skips_non_finite_losses(run):
+    exp, _, ledger = run
+    model = fresh_model()
+    algo = fresh_server(exp, model, ledger, ROUNDS)
+    task = algo.task(ROUNDS + 1, 0, 0)
+    algo.sync(model, task)
+    before = [p.detach().clone() for _, p in model.trainable]
+
+    class Unlabelled:  # every token masked: the mean loss is 0/0
+        num_examples = 3
+
+        def __next__(self):
+            batch = next(exp.batches(1, 0))
+            return {**batch, "labels": torch.full_like(batch["labels"], -100)}
+
+    reply = algo.train(model, Unlabelled(), task)
+    assert (reply.steps, reply.skipped, reply.loss) == (3, 3, 0.0)
+    assert not reply.coords.any()  # nothing moved, nothing to send
+    assert model.position == ROUNDS
+    assert all(torch.equal(p, b) for (_, p), b in zip(model.trainable, before))
+    algo.check(wire.decode(wire.encode(reply), FerretReply), task)
+
+
+# -- the projection ----------------------------------------------------------------------
+
+
+def random_update(d: int) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    first = d // 3
+    a, b = torch.randn(first, generator=g), torch.randn(d - first, generator=g)
+    return [("block.a.weight", a), ("block.b.weight", b)]
+
+
+def reconstruct(delta: list[tuple[str, torch.Tensor]], seed: int, count: int, distribution: str) -> torch.Tensor:
+    """``V gamma`` through the same two calls a sync makes."""
+    gamma = coordinates(delta, seed, count, distribution)
+    out = [(n, torch.zeros_like(t)) for n, t in delta]
+    DirectionSpace(out, distribution).add_(basis_seeds(seed, count), gamma)
+    return torch.cat([t for _, t in out]).double()
+
+
+@pytest.mark.parametrize("distribution, excess", [("gaussian", 1), ("rademacher", -1)])
+def test_reconstruction_is_unbiased(distribution, excess):
+    d, k, trials = 300, 32, 1500
+    delta = random_update(d)
+    target = torch.cat([t for _, t in delta]).double()
+    mean = sum(reconstruct(delta, 1000 + s, k, distribution) for s in range(trials)) / trials
+    # E||V gamma - Delta||^2 = (d + 1) / K ||Delta||^2 (Gaussian), (d - 1) / K (Rademacher);
+    # the mean of T independent ones has 1 / T of that: about 0.079 here.
+    predicted = math.sqrt((d + excess) / (k * trials))
+    error = float((mean - target).norm() / target.norm())
+    assert 0.75 * predicted < error < 1.25 * predicted
+
+
+def test_relative_error_shrinks_as_the_bases_grow():
+    d = 600
+    delta = random_update(d)
+    target = torch.cat([t for _, t in delta]).double()
+    errors = []
+    for k in (16, 64, 256, 1024):
+        e = [float((reconstruct(delta, 5000 + s, k, "gaussian") - target).norm() / target.norm()) for s in range(40)]
+        errors.append(float(np.sqrt(np.mean(np.square(e)))))
+        assert abs(errors[-1] / math.sqrt((d + 1) / k) - 1) < 0.2
+    assert errors == sorted(errors, reverse=True)
+
+
+def test_rho_is_the_second_moment_of_the_generators_gaussian():
+    grid, squares, cosines = 1 << 24, 0.0, 0.0
+    for part in np.array_split(np.arange(grid, dtype=np.uint64), 8):  # every point of the 2^24 grid
+        radial = values(part << np.uint64(40), "gaussian").astype(np.float64)  # u2 = 0: v = sqrt(-2 ln u1)
+        squares += float(np.sum(radial**2))
+        cosines += float(np.sum(np.cos(2 * np.pi * part.astype(np.float64) / grid) ** 2))
+    assert abs(second_moment("gaussian") - (squares / grid) * (cosines / grid)) < 1e-7
+    assert 1 - second_moment("gaussian") > 5e-7  # the quantised grid really is below 1
+    assert second_moment("rademacher") == 1.0
+
+
+def test_bases_follow_the_block_norms_and_fill_the_budget():
+    counts = allocate_bases(np.array([0.0, 1.0, 3.0, 0.5]), 100)
+    assert counts.sum() == 100 and counts.min() >= 2
+    assert counts[0] == 2 and counts[2] > counts[1] > counts[3]
+    assert np.array_equal(allocate_bases(np.zeros(4), 10), [3, 3, 2, 2])
+
+
+def test_blocks_are_runs_of_consecutive_tensors():
+    assert partition_blocks([10, 10, 30, 5, 5, 5], 20) == [[0, 1], [2], [3, 4, 5]]
+    assert partition_blocks([100, 4, 4, 100], 0) == [[0], [1, 2], [3]]  # 0.9 x median 52 = 46
+
+
+# -- validation --------------------------------------------------------------------------
+
+
+def test_check_rejects_replies_that_do_not_fit(run):
+    exp, _, _ = run
+    algo = Ferret(FerretConfig(num_bases=256), seed=7)
+    algo.bind(exp.model)
+    task = algo.task(1, 3, 0)
+    bases = allocate_bases(np.ones(41), 256)
+    good = FerretReply(1, 3, 10, 5, 0, 2.0, client_seed(7, 1, 3), bases, np.zeros(256, np.float32))
+    algo.check(good, task)
+    for change, field in [
+        (dict(round=2), "`round`"),
+        (dict(client=4), "`client`"),
+        (dict(seed=client_seed(7, 1, 4)), "`seed`"),
+        (dict(steps=99), "`steps`"),
+        (dict(bases=bases[:-1], coords=np.zeros(256 - int(bases[-1]), np.float32)), "`bases` has 40 blocks"),
+        (dict(bases=bases + 1, coords=np.zeros(256 + 41, np.float32)), "`bases` sum"),
+        (dict(coords=np.full(256, np.inf, np.float32)), "`coords`"),
+    ]:
+        with pytest.raises(InvalidReply, match=field):
+            algo.check(dataclasses.replace(good, **change), task)
+    with pytest.raises(wire.WireError, match="coords"):
+        wire.decode(wire.encode(dataclasses.replace(good, coords=np.zeros(255, np.float32))), FerretReply)
+
+
+def test_config_errors_name_the_field(run):
+    exp, _, _ = run
+    with pytest.raises(ConfigError, match="algorithm.optimizer"):
+        experiment_config(Path("/tmp/unused"), {**ALGORITHM, "optimizer": "lion"})
+    with pytest.raises(ConfigError, match="algorithm.eps"):
+        experiment_config(Path("/tmp/unused"), {**ALGORITHM, "eps": 1e-3})
+    with pytest.raises(ValueError, match="algorithm.num_bases"):
+        Ferret(FerretConfig(num_bases=64), seed=0).bind(exp.model)  # 41 blocks need 82
