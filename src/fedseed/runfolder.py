@@ -16,14 +16,17 @@ from typing import Any
 from fedseed.config import Config
 
 
-def to_toml(data: dict[str, Any]) -> str:
-    """A TOML document for a two-level dict of scalars (all a config holds)."""
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """A TOML document for nested dicts of scalars (all a config holds)."""
     lines = []
     for section, table in data.items():
-        lines.append(f"[{section}]")
-        for key, value in table.items():
-            lines.append(f"{key} = {_toml_value(value)}")
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        lines.append(f"[{prefix}{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in scalars.items()]
         lines.append("")
+        nested = {k: v for k, v in table.items() if isinstance(v, dict)}
+        if nested:
+            lines.append(to_toml(nested, f"{prefix}{section}."))
     return "\n".join(lines)
 
 
