@@ -6,8 +6,12 @@ behind it without any algorithm noticing:
 
 * :class:`DirectionSpace` binds an ordered list of named tensors;
 * :meth:`DirectionSpace.add_` does ``w = base + sum_k c_k * D(seed_k)`` in place;
-* :meth:`DirectionSpace.materialize` returns a direction (tests, small tools).
+* :meth:`DirectionSpace.project` does ``<D(seed_k), w>`` for every seed (Ferret's ``V^T Delta``);
+* :meth:`DirectionSpace.materialize` returns a direction (tests, small tools);
+* :func:`random_matrix` returns one seeded matrix (FedKRSO's projections).
 
+CPU tensors go to the numba kernels of ``cpu.py``, CUDA tensors to the Triton
+kernels of ``cuda.py``; both compute the same bits (see ``docs/directions.md``).
 It knows nothing of algorithms, rounds or messages.
 """
 
@@ -19,36 +23,51 @@ import numpy as np
 import torch
 
 from fedseed.directions import cpu
-from fedseed.directions.generator import (
-    DISTRIBUTIONS,
-    Distribution,
-    TENSOR_SALT,
-    derive_seed,
-    direction,
-    mix64,
-    tensor_id,
-    _mix64_array,
-)
+from fedseed.directions.generator import DISTRIBUTIONS, TENSOR_SALT, Distribution, derive_seed, mix64, tensor_id
+from fedseed.directions.precision import LOW_PRECISION, PRECISIONS, Precision, rounding_keys
 
-__all__ = ["DISTRIBUTIONS", "Distribution", "DirectionSpace", "derive_seed", "random_matrix", "tensor_id"]
+__all__ = [
+    "DISTRIBUTIONS",
+    "PRECISIONS",
+    "Distribution",
+    "DirectionSpace",
+    "Precision",
+    "derive_seed",
+    "random_matrix",
+    "tensor_id",
+]
+
+_KINDS = {torch.float32: cpu.F32, torch.bfloat16: cpu.BF16, torch.float16: cpu.F16}
+_PROJECT_PARTIAL_BYTES = 1 << 24  # bound on project's table of partial sums per kernel call
+_SERIAL_WORK = 1 << 21  # generated elements below which one thread beats waking the others (~0.2 ms)
+_GAUSSIAN_COST = 30  # a Gaussian element costs about as much as 30 Rademacher ones
 
 
 def random_matrix(seed: int, name: str, shape: tuple[int, ...], distribution: Distribution = "gaussian") -> torch.Tensor:
-    """A seeded float32 matrix (e.g. FedKRSO's projection ``P``), a pure function of (seed, name, shape)."""
-    numel = int(np.prod(shape))
-    return torch.from_numpy(direction(seed, tensor_id(f"{name}|{shape}"), numel, distribution)).view(shape)
+    """A seeded float32 CPU matrix (e.g. FedKRSO's projection ``P``), a pure function of (seed, name, shape)."""
+    shape = tuple(int(s) for s in shape)
+    out = torch.zeros(shape, dtype=torch.float32)
+    DirectionSpace([(f"{name}|{shape}", out)], distribution).add_([seed], [1.0])
+    return out
 
 
-def _keys(seeds: np.ndarray, tid: int) -> np.ndarray:
-    """Vectorised ``tensor_key`` for many seeds and one tensor."""
-    return _mix64_array(seeds ^ np.uint64(mix64(tid ^ TENSOR_SALT)))
+def _cuda():
+    """The Triton kernels, imported on first use of a CUDA tensor."""
+    try:
+        from fedseed.directions import cuda
+    except ImportError as e:
+        raise RuntimeError(f"CUDA tensors need Triton for the direction kernels ({e}); CUDA builds of torch "
+                           "ship it, else `pip install triton`") from None
+    return cuda
 
 
-def _flat_f32(t: torch.Tensor) -> np.ndarray | None:
-    """A writable float32 numpy view of ``t``, or None when no view is possible."""
-    if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
-        return None
-    return t.detach().view(-1).numpy()
+def _seeds(seeds: Sequence[int] | np.ndarray) -> np.ndarray:
+    return np.asarray(seeds, dtype=np.uint64).reshape(-1)
+
+
+def _kernel_ready(t: torch.Tensor) -> bool:
+    """Whether the CPU kernels can read and write ``t`` through its address."""
+    return t.device.type == "cpu" and t.dtype in _KINDS and t.is_contiguous()
 
 
 class DirectionSpace:
@@ -58,19 +77,40 @@ class DirectionSpace:
     ----------
     named_tensors:
         ``(name, tensor)`` pairs; the tensors are updated in place by :meth:`add_`.
+        Names must be distinct: a direction element is a function of (seed, name, index).
     distribution:
-        ``"rademacher"`` (bitwise portable across devices) or ``"gaussian"``.
+        ``"rademacher"`` or ``"gaussian"``; the CPU and CUDA kernels compute both
+        with the same integer and IEEE operations, so they give the same bits.
+    precision:
+        How results are stored into bfloat16/float16 tensors (see
+        :mod:`fedseed.directions.precision`): ``"master"`` (default) keeps a float32
+        master copy (``masters``, made by the first :meth:`add_`) so that no update
+        is lost, ``"nearest"`` rounds each result, ``"stochastic"`` rounds
+        stochastically. Float32 tensors are unaffected.
     """
 
-    def __init__(self, named_tensors: Sequence[tuple[str, torch.Tensor]], distribution: Distribution = "rademacher"):
+    def __init__(
+        self,
+        named_tensors: Sequence[tuple[str, torch.Tensor]],
+        distribution: Distribution = "rademacher",
+        precision: Precision = "master",
+    ):
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"`distribution` must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"`precision` must be one of {PRECISIONS}, got {precision!r}")
         self.names = [n for n, _ in named_tensors]
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("tensor names must be distinct: a direction is a function of (seed, name, index)")
         self.tensors = [t for _, t in named_tensors]
         self.ids = [tensor_id(n) for n in self.names]
         self.distribution = distribution
+        self.precision = precision
         self.numel = sum(t.numel() for t in self.tensors)
+        self._tmix = np.array([mix64(tid ^ TENSOR_SALT) for tid in self.ids], dtype=np.uint64)
+        self.masters: list[torch.Tensor | None] = [None] * len(self.tensors)
 
+    # -- public operations -----------------------------------------------------------
     def add_(
         self,
         seeds: Sequence[int] | np.ndarray,
@@ -81,47 +121,118 @@ class DirectionSpace:
 
         The sum is accumulated in float32 in the given seed order, then added once:
         callers that need identical results must pass seeds in the same order.
+        With ``precision="master"`` a 16-bit tensor's own value is read from its
+        master copy (where the tensor still equals the master's rounding).
         """
-        seeds_u64 = np.asarray(seeds, dtype=np.uint64).reshape(-1)
+        seeds_u64 = _seeds(seeds)
         c32 = np.asarray(coeffs, dtype=np.float32).reshape(-1)
         if seeds_u64.size != c32.size:
             raise ValueError(f"{seeds_u64.size} seeds but {c32.size} coefficients")
+        if base is not None and len(base) != len(self.tensors):
+            raise ValueError(f"`base` has {len(base)} tensors, the space binds {len(self.tensors)}")
         if seeds_u64.size == 0 and base is None:
             return
-        gaussian = self.distribution == "gaussian"
-        for j, (t, tid) in enumerate(zip(self.tensors, self.ids)):
-            keys = _keys(seeds_u64, tid)
-            src = t if base is None else base[j]
-            out = _flat_f32(t)
-            src_np = _flat_f32(src) if src is not t else out
-            if out is not None and src_np is not None:
-                cpu.add_directions(out, src_np, keys, c32, gaussian)
-                continue
-            # Other devices and dtypes: compute in float32 on the CPU, then store.
-            work = src.detach().to("cpu", torch.float32).contiguous().view(-1).numpy().copy()
-            cpu.add_directions(work, work, keys, c32, gaussian)
-            with torch.no_grad():
-                t.copy_(torch.from_numpy(work).view_as(t))
+        if self.precision == "master":
+            self._make_masters()
+        cuda_rows, cpu_rows = [], []
+        for j, t in enumerate(self.tensors):
+            if base is not None and base[j].numel() != t.numel():
+                raise ValueError(f"`base[{j}]` has {base[j].numel()} elements, {self.names[j]!r} has {t.numel()}")
+            (cuda_rows if t.device.type == "cuda" else cpu_rows).append(j)
+        if cpu_rows:
+            self._add_cpu(cpu_rows, seeds_u64, c32, base)
+        if cuda_rows:
+            _cuda().add_directions(self, cuda_rows, seeds_u64, c32, base)
 
     def project(self, seeds: Sequence[int] | np.ndarray) -> np.ndarray:
         """``<D(seed_k), w>`` for every seed, summed over the bound tensors (float64, shape (K,)).
 
         Ferret's ``V^T Delta``: bind the update's tensors, project onto the bases.
+        Accumulated in float64 in a fixed order, so the result does not depend on
+        the number of threads.
         """
-        seeds_u64 = np.asarray(seeds, dtype=np.uint64).reshape(-1)
+        seeds_u64 = _seeds(seeds)
         total = np.zeros(seeds_u64.size, dtype=np.float64)
-        out = np.empty_like(total)
-        for t, tid in zip(self.tensors, self.ids):
-            flat = _flat_f32(t)
-            if flat is None:
-                flat = t.detach().to("cpu", torch.float32).contiguous().view(-1).numpy()
-            cpu.project(flat, _keys(seeds_u64, tid), self.distribution == "gaussian", out)
-            total += out
+        if seeds_u64.size == 0:
+            return total
+        cuda_rows = [j for j, t in enumerate(self.tensors) if t.device.type == "cuda"]
+        cpu_rows = [j for j, t in enumerate(self.tensors) if t.device.type != "cuda"]
+        if cpu_rows:
+            total += self._project_cpu(cpu_rows, seeds_u64)
+        if cuda_rows:
+            total += _cuda().project(self, cuda_rows, seeds_u64)
         return total
 
     def materialize(self, seed: int) -> list[torch.Tensor]:
-        """The direction of ``seed`` as float32 tensors shaped like the bound ones."""
-        return [
-            torch.from_numpy(direction(seed, tid, t.numel(), self.distribution)).view(t.shape)
-            for t, tid in zip(self.tensors, self.ids)
-        ]
+        """The direction of ``seed`` as float32 CPU tensors shaped like the bound ones."""
+        out = [torch.zeros(t.shape, dtype=torch.float32) for t in self.tensors]
+        DirectionSpace(list(zip(self.names, out)), self.distribution).add_([seed], [1.0])
+        return out
+
+    def _make_masters(self) -> None:
+        """Float32 copies of the 16-bit tensors, on their devices (once; a space that only projects has none)."""
+        for j, t in enumerate(self.tensors):
+            if self.masters[j] is None and t.dtype in LOW_PRECISION:
+                self.masters[j] = t.detach().to(torch.float32).contiguous()
+
+    # -- CPU ---------------------------------------------------------------------------
+    def _add_cpu(self, rows: list[int], seeds: np.ndarray, coeffs: np.ndarray, base: Sequence[torch.Tensor] | None):
+        ready = [j for j in rows if _kernel_ready(self.tensors[j])]
+        for j in set(rows).difference(ready):
+            self._add_converted(j, seeds, coeffs, base)
+        if not ready:
+            return
+        keep = []  # converted bases must outlive the kernel call
+        entries = []  # one table row per tensor, columns cpu.OUT .. cpu.NUMEL
+        for j in ready:
+            t, master = self.tensors[j], self.masters[j]
+            src = None if base is None or base[j] is t else base[j]
+            if src is not None and not _kernel_ready(src):
+                src = src.detach().to("cpu", torch.float32).contiguous()
+                keep.append(src)
+            entries.append((t.data_ptr(), _KINDS[t.dtype], 0 if src is None else src.data_ptr(),
+                            cpu.F32 if src is None else _KINDS[src.dtype],
+                            0 if master is None else master.data_ptr(), t.numel(), 0, 0))
+        table = np.array(entries, dtype=np.int64)  # (T, 8)
+        tmix = self._tmix[ready]
+        table[:, cpu.TMIX] = tmix.view(np.int64)
+        stochastic = self.precision == "stochastic"
+        if stochastic:
+            table[:, cpu.RKEY] = rounding_keys(seeds, coeffs, tmix).view(np.int64)
+        gaussian = self.distribution == "gaussian"
+        kernel = cpu.add_directions if _parallel(table[:, cpu.NUMEL], seeds.size, gaussian) else cpu.add_directions_serial
+        with torch.no_grad():
+            kernel(table, cpu.work_starts(table[:, cpu.NUMEL], cpu.CHUNK), seeds, coeffs, gaussian, stochastic)
+        del keep
+
+    def _add_converted(self, j: int, seeds: np.ndarray, coeffs: np.ndarray, base: Sequence[torch.Tensor] | None):
+        """Tensors the kernels cannot address (other devices, strides, dtypes): compute in a float32 copy."""
+        t = self.tensors[j]
+        src = t if base is None else base[j]
+        work = src.detach().to("cpu", torch.float32).contiguous().reshape(t.shape)
+        DirectionSpace([(self.names[j], work)], self.distribution, "nearest").add_(seeds, coeffs)
+        with torch.no_grad():
+            t.copy_(work)
+        if self.masters[j] is not None:
+            self.masters[j].copy_(work)
+
+    def _project_cpu(self, rows: list[int], seeds: np.ndarray) -> np.ndarray:
+        keep = [t if _kernel_ready(t) else t.detach().to("cpu", torch.float32).contiguous()
+                for t in (self.tensors[j] for j in rows)]
+        table = np.array([(t.data_ptr(), _KINDS[t.dtype], t.numel(), 0) for t in keep], dtype=np.int64)  # (T, 4)
+        table[:, cpu.P_TMIX] = self._tmix[rows].view(np.int64)
+        starts = cpu.work_starts(table[:, cpu.P_NUMEL], cpu.PROJECT_CHUNK)
+        gaussian = self.distribution == "gaussian"
+        kernel = cpu.project if _parallel(table[:, cpu.P_NUMEL], seeds.size, gaussian) else cpu.project_serial
+        total = np.zeros(seeds.size, dtype=np.float64)
+        per_call = max(1, _PROJECT_PARTIAL_BYTES // (8 * seeds.size))
+        for first in range(0, int(starts[-1]), per_call):
+            partial = np.empty((min(per_call, int(starts[-1]) - first), seeds.size), dtype=np.float64)
+            kernel(table, starts, first, seeds, gaussian, partial)
+            total += partial.sum(axis=0)
+        return total
+
+
+def _parallel(numel: np.ndarray, num_seeds: int, gaussian: bool) -> bool:
+    """Whether a kernel call has enough work to be worth waking the other threads."""
+    return int(numel.sum()) * max(num_seeds, 1) * (_GAUSSIAN_COST if gaussian else 1) >= _SERIAL_WORK

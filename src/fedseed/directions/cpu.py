@@ -1,87 +1,585 @@
-"""Fused CPU kernels: ``out = base + sum_k c_k * D(seed_k)`` in one pass over memory.
+"""Fused CPU kernels (numba): one call visits every tensor of a direction space.
 
-Compiled with numba, multithreaded over blocks of elements. Within a block the
-seeds are visited in the caller's order and the per-element sum is accumulated in
-float32 in that order, so the result does not depend on the number of threads and
-equals ``generator.py``'s reference bit for bit. No temporary larger than one block
-(``BLOCK`` floats per thread) is allocated, whatever the tensor size.
+* :func:`add_directions` sets ``out = src + sum_k c_k * D(seed_k)`` in one pass over
+  memory: each work item (one tensor, up to ``CHUNK`` elements) adds all seeds to a
+  ``BLOCK``-element float32 sum that stays in L1, then reads the source once and
+  writes the result once, converting 16-bit storage on the fly. No temporary grows
+  with the tensor.
+* :func:`project` computes ``<D(seed_k), delta>`` for every seed in float64.
+
+Tensors are passed as addresses (``Tensor.data_ptr()``) with their kind and size,
+so a model with hundreds of small tensors costs one call, not hundreds, and work is
+spread over threads by element count, not by tensor.
+
+Results do not depend on the number of threads: an element's sum is always taken
+over the seeds in the caller's order, and ``project``'s partial sums are cut at
+fixed element offsets and combined in a fixed order.
+
+The element functions (generator, portable Gaussian, 16-bit conversions) are
+inlined into the loops and written so that LLVM vectorises them: selects instead
+of branches, tables small enough to gather from L1. Three things numba lacks are
+LLVM intrinsics here: reinterpreting bits, fused multiply-add (rounded once on
+every device, which is what makes the Gaussian's double-double arithmetic
+identical in numba and Triton) and turning an address into a typed pointer.
+``cuda.py`` mirrors the element functions in Triton, operation for operation.
+
+numba's on-disk cache is invalidated only by changes to *this* file, so every
+jitted function lives here. The constants of ``gaussian_tables.py`` are frozen into
+the compiled kernels; they are part of the definition of a direction and never
+change (whoever changes them must delete ``__pycache__``).
+
+Threads: numba's OpenMP layer busy-waits between parallel regions; on a machine
+whose cores are shared (with torch's own OpenMP pool, or other processes) we
+measured a call that needs 0.1 ms of work take 8 ms. Unless ``NUMBA_THREADING_LAYER`` says
+otherwise, the kernels use numba's ``workqueue`` layer, whose idle threads sleep.
+The kernels hold the GIL, so calls never overlap (the workqueue layer forbids it).
+Calls with little work run on the calling thread (the ``*_serial`` kernels).
 """
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
 
+from fedseed.directions import gaussian_tables as gt
 from fedseed.directions.generator import GOLDEN, MIX1, MIX2
 
-BLOCK = 2048
-
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 _GOLDEN = np.uint64(GOLDEN)
 _MIX1 = np.uint64(MIX1)
 _MIX2 = np.uint64(MIX2)
-_S16 = np.uint64(16)
-_S27 = np.uint64(27)
-_S30 = np.uint64(30)
-_S31 = np.uint64(31)
-_S40 = np.uint64(40)
-_S63 = np.uint64(63)
-_ONE = np.uint64(1)
-_M24 = np.uint64(0xFFFFFF)
+
+# Tables become compile-time constants of the kernels (numba freezes global arrays).
+_INV, _T_HI, _T_LO = gt.INV, gt.T_HI, gt.T_LO
+_COS_HI, _COS_LO, _SIN_HI, _SIN_LO = gt.COS_HI, gt.COS_LO, gt.SIN_HI, gt.SIN_LO
+_LN2_HI, _LN2_LO = gt.LN2_HI, gt.LN2_LO
+_P1, _P2, _P3, _INV_PIO32, _TWO_PI = gt.P1, gt.P2, gt.P3, gt.INV_PIO32, gt.TWO_PI
+_Q9, _Q8, _Q7, _Q6, _Q5, _Q4, _Q3 = gt.LOG_Q
+_C10, _C8, _C6, _C4 = gt.COS_C
+_S9, _S7, _S5, _S3 = gt.SIN_S
+_LN2 = gt.LN2
+_FL6, _FL5, _FL4, _FL3, _FL2 = gt.FAST_LOG
+_FC8, _FC6, _FC4, _FC2 = gt.FAST_COS
+_FS7, _FS5, _FS3 = gt.FAST_SIN
+_MARGIN = gt.FAST_MARGIN
+
+
+# -- LLVM intrinsics ---------------------------------------------------------------
+def _bitcast(src: types.Type, dst: types.Type, dst_ir: ir.Type):
+    @intrinsic
+    def cast(typingctx, x):
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], dst_ir)
+
+        return dst(src), codegen
+
+    return cast
+
+
+f64_bits = _bitcast(types.float64, types.int64, ir.IntType(64))
+bits_f64 = _bitcast(types.int64, types.float64, ir.DoubleType())
+f32_bits = _bitcast(types.float32, types.uint32, ir.IntType(32))
+bits_f32 = _bitcast(types.uint32, types.float32, ir.FloatType())
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """``a * b + c`` rounded once (``llvm.fma.f64``)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fma(*args)
+
+    return types.float64(types.float64, types.float64, types.float64), codegen
+
+
+def _pointer(dtype: types.Type):
+    @intrinsic
+    def to_pointer(typingctx, address):
+        sig = types.CPointer(dtype)(types.int64)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+        return sig, codegen
+
+    return to_pointer
+
+
+ptr_f32 = _pointer(types.float32)
+ptr_u16 = _pointer(types.uint16)
+
+
+# -- generator -----------------------------------------------------------------------
+@numba.njit(inline="always")
+def mix64(z):
+    """SplitMix64's finaliser on uint64 (wraps modulo 2^64)."""
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
 
 
 @numba.njit(inline="always")
-def _raw(key: np.uint64, i: np.uint64) -> np.uint64:
-    z = key + (i + _ONE) * _GOLDEN
-    z = (z ^ (z >> _S30)) * _MIX1
-    z = (z ^ (z >> _S27)) * _MIX2
-    return z ^ (z >> _S31)
+def counter(i):
+    """``(i + 1) * GOLDEN``: the part of the stream position shared by every key."""
+    return (np.uint64(i) + np.uint64(1)) * _GOLDEN
 
 
 @numba.njit(inline="always")
-def _gaussian(x: np.uint64) -> np.float32:
-    u1 = np.float64((x >> _S40) + _ONE) * 2.0**-24
-    u2 = np.float64((x >> _S16) & _M24) * 2.0**-24
-    return np.float32(np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2))
+def rademacher(x, c):
+    """``c * (+1 or -1)`` from the top bit of ``x`` (exact: a sign flip)."""
+    return -c if (x >> np.uint64(63)) != np.uint64(0) else c
+
+
+# -- portable Gaussian ---------------------------------------------------------------
+@numba.njit(inline="always")
+def _two_sum(a, b):
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+@numba.njit(inline="always")
+def log_u1(x):
+    """``log(((x >> 40) + 1) / 2^24)`` in float64, correctly rounded on all but ~0 inputs.
+
+    ``u = 2^k f``; ``r = f * INV[i] - 1`` is exact and ``|r| <= 2^-8``;
+    ``log u = k ln2 + T[i] + log1p(r)`` summed as double-double.
+    """
+    bits = f64_bits(np.float64(np.int64(x >> np.uint64(40)) + 1))
+    mant = bits & 0xFFFFFFFFFFFFF
+    i = (mant + (1 << 44)) >> 45
+    r = fma(bits_f64(mant | (1023 << 52)), _INV[i], -1.0)
+    k = np.float64((bits >> 52) - 1047)  # exponent of u = exponent of (x >> 40) + 1 minus 24
+    h = -0.5 * r
+    p = r * h  # -r^2/2, rounded ...
+    pe = fma(r, h, -p)  # ... and its rounding error
+    q = fma(r, fma(r, fma(r, fma(r, fma(r, fma(r, _Q9, _Q8), _Q7), _Q6), _Q5), _Q4), _Q3)
+    s1, e1 = _two_sum(k * _LN2_HI, _T_HI[i])
+    s2, e2 = _two_sum(r, p)
+    s3, e3 = _two_sum(s1, s2)
+    lo = (fma(k, _LN2_LO, _T_LO[i]) + (e1 + e2)) + (e3 + fma(r * r, r * q, pe))
+    return s3 + lo
+
+
+@numba.njit(inline="always")
+def cos_u2(x):
+    """``cos(2 pi u2)``, ``u2 = ((x >> 16) & 0xFFFFFF) / 2^24``, the reference's float64 argument.
+
+    ``t = n pi/32 + y`` (Cody-Waite, exact), ``cos t = C[n] cos y - S[n] sin y``.
+    """
+    t = _TWO_PI * (np.float64(np.int64((x >> np.uint64(16)) & np.uint64(0xFFFFFF))) * 2.0**-24)
+    n = np.int64(fma(t, _INV_PIO32, 0.5))
+    fn = np.float64(n)
+    yh, ye = _two_sum(fma(-fn, _P1, t), -(fn * _P2))
+    yl = fma(-fn, _P3, ye)
+    z = yh * yh
+    c, s = _COS_HI[n], _SIN_HI[n]
+    cm = fma(-0.5 * yh, yh + 2.0 * yl, z * z * fma(z, fma(z, fma(z, _C10, _C8), _C6), _C4))  # cos y - 1
+    sm = yh * z * fma(z, fma(z, fma(z, _S9, _S7), _S5), _S3)  # sin y - y
+    a = s * yh
+    ae = fma(s, yh, -a)
+    b = c * cm
+    be = fma(c, cm, -b)
+    r1, r2 = _two_sum(c, -a)
+    r3, r4 = _two_sum(r1, b)
+    lo = ((_COS_LO[n] - ae) + be) - fma(s, yl + sm, _SIN_LO[n] * yh) + (r2 + r4)
+    return r3 + lo
+
+
+@numba.njit(inline="always")
+def gaussian(x):
+    """The float32 Gaussian of raw output ``x`` on the exact path (Box-Muller, float64, then rounded)."""
+    return np.float32(np.sqrt(-2.0 * log_u1(x)) * cos_u2(x))
+
+
+@numba.njit(inline="always")
+def sqrt_m2log_fast(x):
+    """``sqrt(-2 log u1)`` in plain float64 (relative error below 2^-46, see the tests)."""
+    bits = f64_bits(np.float64(np.int64(x >> np.uint64(40)) + 1))
+    mant = bits & 0xFFFFFFFFFFFFF
+    i = (mant + (1 << 44)) >> 45
+    r = fma(bits_f64(mant | (1023 << 52)), _INV[i], -1.0)
+    k = np.float64((bits >> 52) - 1047)
+    p = fma(r * r, fma(r, fma(r, fma(r, fma(r, _FL6, _FL5), _FL4), _FL3), _FL2), r)
+    return np.sqrt(-2.0 * (fma(k, _LN2, _T_HI[i]) + p))
+
+
+@numba.njit(inline="always")
+def cos_fast(x):
+    """``cos(2 pi u2)`` in plain float64 (relative error below 2^-51, see the tests)."""
+    t = _TWO_PI * (np.float64(np.int64((x >> np.uint64(16)) & np.uint64(0xFFFFFF))) * 2.0**-24)
+    n = np.int64(fma(t, _INV_PIO32, 0.5))
+    fn = np.float64(n)
+    y = fma(-fn, _P3, fma(-fn, _P1, t) - fn * _P2)
+    z = y * y
+    cm = z * fma(z, fma(z, fma(z, _FC8, _FC6), _FC4), _FC2)
+    sy = fma(y * z, fma(z, fma(z, _FS7, _FS5), _FS3), y)
+    c = _COS_HI[n]
+    return fma(c, cm, fma(-_SIN_HI[n], sy, c))
+
+
+@numba.njit(inline="always")
+def gaussian_fast(x):
+    """``(value, doubtful)``: the fast path's float32 Gaussian, and whether it may differ from the exact one.
+
+    The exact float64 value lies within ``FAST_MARGIN * |y|`` of the fast one ``y``;
+    if no float32 rounding boundary lies that close to ``y``, both round to the
+    same float32. Boundaries are half a spacing away (a quarter below a power of two).
+    """
+    y = sqrt_m2log_fast(x) * cos_fast(x)
+    r = np.float32(y)
+    b = f32_bits(r)
+    e = np.int64((b >> np.uint32(23)) & np.uint32(0xFF))
+    below = 0 if (b & np.uint32(0x7FFFFF)) == np.uint32(0) else 1
+    half = bits_f64((e - 152 + below + 1023) << 52)  # ulp/2, or ulp/4 at a power of two
+    return r, abs(y - np.float64(r)) + _MARGIN * abs(y) >= half
+
+
+@numba.njit(inline="always")
+def gaussians(g, ig, m, key, doubtful):
+    """``g[:m] = Gaussian(mix64(key + ig[:m]))``: fast path for all, exact path for the doubtful few."""
+    count = 0
+    for j in range(m):
+        v, d = gaussian_fast(mix64(key + ig[j]))
+        g[j] = v
+        doubtful[j] = d
+        count += d
+    if count:
+        for j in range(m):
+            if doubtful[j]:
+                g[j] = gaussian(mix64(key + ig[j]))
+
+
+# -- 16-bit floats -------------------------------------------------------------------
+@numba.njit(inline="always")
+def bf16_to_f32(h):
+    return bits_f32(np.uint32(h) << np.uint32(16))
+
+
+@numba.njit(inline="always")
+def f16_to_f32(h):
+    """IEEE half to float, exact (subnormals through a float multiply by 2^-24)."""
+    h = np.uint32(h)
+    sign = (h & np.uint32(0x8000)) << np.uint32(16)
+    e = (h >> np.uint32(10)) & np.uint32(0x1F)
+    m = h & np.uint32(0x3FF)
+    normal = sign | ((e + np.uint32(112)) << np.uint32(23)) | (m << np.uint32(13))
+    special = sign | np.uint32(0x7F800000) | (m << np.uint32(13))
+    tiny = sign | f32_bits(np.float32(m) * np.float32(2.0**-24))
+    b = special if e == np.uint32(31) else normal
+    return bits_f32(tiny if e == np.uint32(0) else b)
+
+
+@numba.njit(inline="always")
+def f32_to_bf16(v):
+    """Round to nearest even, NaN to 0x7FC0 (what torch does)."""
+    b = f32_bits(v)
+    rounded = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.uint16(np.uint32(0x7FC0) if nan else rounded)
+
+
+@numba.njit(inline="always")
+def f32_to_bf16_stochastic(v, r):
+    """Round up with probability (dropped bits) / 2^16, using the low 16 bits of ``r``."""
+    b = f32_bits(v)
+    rounded = (b + np.uint32(r & np.uint64(0xFFFF))) >> np.uint32(16)
+    nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.uint16(np.uint32(0x7FC0) if nan else rounded)
+
+
+@numba.njit(inline="always")
+def f32_to_f16(v):
+    """Round to nearest even with overflow to inf and gradual underflow (what torch does)."""
+    b = f32_bits(v)
+    sign = (b >> np.uint32(16)) & np.uint32(0x8000)
+    a = b & np.uint32(0x7FFFFFFF)
+    normal = (a + np.uint32(0xC8000FFF) + ((a >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)
+    tiny = np.uint32(np.int32(np.rint(bits_f32(a) * np.float32(2.0**24))))
+    h = tiny if a < np.uint32(0x38800000) else normal
+    h = np.uint32(0x7C00) if a >= np.uint32(0x477FF000) else h
+    h = np.uint32(0x7E00) if a > np.uint32(0x7F800000) else h
+    return np.uint16(h | sign)
+
+
+@numba.njit(inline="always")
+def f32_to_f16_stochastic(v, r):
+    """Round up with probability proportional to the dropped bits, using ``r``'s bits."""
+    b = f32_bits(v)
+    sign = (b >> np.uint32(16)) & np.uint32(0x8000)
+    a = b & np.uint32(0x7FFFFFFF)
+    normal = (a + np.uint32(r & np.uint64(0x1FFF)) - np.uint32(0x38000000)) >> np.uint32(13)
+    u = np.float64(np.int64(r >> np.uint64(40))) * 2.0**-24
+    tiny = np.uint32(np.int64(np.float64(bits_f32(a)) * 2.0**24 + u))
+    h = tiny if a < np.uint32(0x38800000) else min(normal, np.uint32(0x7C00))
+    h = np.uint32(0x7E00) if a > np.uint32(0x7F800000) else h
+    return np.uint16(h | sign)
+
+
+# -- kernels ---------------------------------------------------------------------------
+F32, BF16, F16 = 0, 1, 2  # storage kinds
+# Columns of the per-tensor table of add_directions (int64; tmix and rkey hold uint64 bits).
+OUT, OUT_KIND, SRC, SRC_KIND, MASTER, NUMEL, TMIX, RKEY = range(8)
+# Columns of the per-tensor table of project.
+ADDR, KIND, P_NUMEL, P_TMIX = range(4)
+CHUNK = 16384  # elements per work item of add_directions
+PROJECT_CHUNK = 65536  # elements per work item (one row of partial sums) of project
+BLOCK = 1024  # elements whose running sum stays in L1 while every seed is added
+LANES = 64  # independent float64 accumulators of a dot product
+SEED_GROUP = 8  # seeds per work unit of project
+
+
+@numba.njit(inline="always")
+def _tensor_of(starts, w):
+    """The tensor of work item ``w`` (``starts`` is the prefix sum of items per tensor)."""
+    return np.searchsorted(starts, w, side="right") - 1
+
+
+@numba.njit(inline="always")
+def _keys(seeds, tmix):
+    keys = np.empty(seeds.size, dtype=np.uint64)
+    for k in range(seeds.size):
+        keys[k] = mix64(seeds[k] ^ tmix)
+    return keys
+
+
+@numba.njit(inline="always")
+def _accumulate(acc, ig, m, keys, coeffs, is_gaussian, g, doubtful):
+    """``acc[:m] += sum_k coeffs[k] * D(keys[k])`` in seed order (the branch is outside the loops)."""
+    if is_gaussian:
+        for k in range(keys.size):
+            gaussians(g, ig, m, keys[k], doubtful)
+            c = coeffs[k]
+            for j in range(m):
+                acc[j] += c * g[j]
+    else:
+        for k in range(keys.size):
+            key, c = keys[k], coeffs[k]
+            for j in range(m):
+                acc[j] += rademacher(mix64(key + ig[j]), c)
+
+
+@numba.njit(inline="always")
+def _add_source(acc, m, lo, address, kind):
+    """``acc[:m] = src[lo:lo+m] + acc[:m]`` for a float32, bfloat16 or float16 source."""
+    if kind == F32:
+        src = numba.carray(ptr_f32(address + 4 * lo), m)
+        for j in range(m):
+            acc[j] = src[j] + acc[j]
+    elif kind == BF16:
+        src16 = numba.carray(ptr_u16(address + 2 * lo), m)
+        for j in range(m):
+            acc[j] = bf16_to_f32(src16[j]) + acc[j]
+    else:
+        src16 = numba.carray(ptr_u16(address + 2 * lo), m)
+        for j in range(m):
+            acc[j] = f16_to_f32(src16[j]) + acc[j]
+
+
+@numba.njit(inline="always")
+def _add_master(acc, m, lo, out_address, master_address, kind):
+    """``acc += master`` where the stored value still is ``round(master)``, else ``+= stored``.
+
+    An element changed behind the space's back (an optimizer step, a dense copy)
+    no longer matches its master, and its stored value wins.
+    """
+    out = numba.carray(ptr_u16(out_address + 2 * lo), m)
+    master = numba.carray(ptr_f32(master_address + 4 * lo), m)
+    if kind == BF16:
+        for j in range(m):
+            mv = master[j]
+            acc[j] = (mv if f32_to_bf16(mv) == out[j] else bf16_to_f32(out[j])) + acc[j]
+    else:
+        for j in range(m):
+            mv = master[j]
+            acc[j] = (mv if f32_to_f16(mv) == out[j] else f16_to_f32(out[j])) + acc[j]
+
+
+@numba.njit(inline="always")
+def _store(acc, ig, m, lo, address, kind, stochastic, rkey):
+    """Write ``acc[:m]`` to ``out[lo:lo+m]``: round to nearest even, or stochastically with ``rkey``."""
+    if kind == F32:
+        out = numba.carray(ptr_f32(address + 4 * lo), m)
+        for j in range(m):
+            out[j] = acc[j]
+        return
+    out16 = numba.carray(ptr_u16(address + 2 * lo), m)
+    if kind == BF16 and stochastic:
+        for j in range(m):
+            out16[j] = f32_to_bf16_stochastic(acc[j], mix64(rkey + ig[j]))
+    elif kind == BF16:
+        for j in range(m):
+            out16[j] = f32_to_bf16(acc[j])
+    elif stochastic:
+        for j in range(m):
+            out16[j] = f32_to_f16_stochastic(acc[j], mix64(rkey + ig[j]))
+    else:
+        for j in range(m):
+            out16[j] = f32_to_f16(acc[j])
+
+
+@numba.njit(inline="always")
+def _add_item(w, table, starts, seeds, coeffs, is_gaussian, stochastic):
+    """Work item ``w`` of :func:`add_directions`: up to ``CHUNK`` elements of one tensor."""
+    t = _tensor_of(starts, w)
+    first = (w - starts[t]) * CHUNK
+    last = min(table[t, NUMEL], first + CHUNK)
+    keys = _keys(seeds, np.uint64(table[t, TMIX]))
+    rkey = np.uint64(table[t, RKEY])
+    out, out_kind, src, master = table[t, OUT], table[t, OUT_KIND], table[t, SRC], table[t, MASTER]
+    acc = np.empty(BLOCK, dtype=np.float32)
+    ig = np.empty(BLOCK, dtype=np.uint64)
+    g = np.empty(BLOCK, dtype=np.float32)
+    doubtful = np.empty(BLOCK, dtype=np.bool_)
+    for lo in range(first, last, BLOCK):
+        m = min(BLOCK, last - lo)
+        for j in range(m):
+            ig[j] = counter(lo + j)
+            acc[j] = 0.0
+        _accumulate(acc, ig, m, keys, coeffs, is_gaussian, g, doubtful)
+        if src != 0:
+            _add_source(acc, m, lo, src, table[t, SRC_KIND])
+        elif master != 0:
+            _add_master(acc, m, lo, out, master, out_kind)
+        else:
+            _add_source(acc, m, lo, out, out_kind)
+        if master != 0:
+            mv = numba.carray(ptr_f32(master + 4 * lo), m)
+            for j in range(m):
+                mv[j] = acc[j]
+        _store(acc, ig, m, lo, out, out_kind, stochastic, rkey)
 
 
 @numba.njit(parallel=True, cache=True)
-def add_directions(out, base, keys, coeffs, gaussian):  # pragma: no cover - compiled
-    """``out[i] = base[i] + sum_k coeffs[k] * D(keys[k])[i]`` (out may alias base)."""
-    n = out.size
-    nblocks = (n + BLOCK - 1) // BLOCK
-    for b in numba.prange(nblocks):
-        lo = b * BLOCK
-        hi = min(n, lo + BLOCK)
-        acc = np.zeros(hi - lo, dtype=np.float32)
+def add_directions(table, starts, seeds, coeffs, is_gaussian, stochastic):  # pragma: no cover - compiled
+    """For every tensor ``t``: ``out_t = src_t + sum_k coeffs[k] * D(seeds[k], t)``, multithreaded.
+
+    ``table`` has one row per tensor (columns ``OUT .. RKEY``). ``src_t`` is the
+    ``SRC`` tensor when its address is not 0, else the master copy (``MASTER``,
+    16-bit outputs only), else ``out_t`` itself. A master receives the float32
+    result before it is rounded into ``out_t``. ``starts`` is the prefix sum of
+    ``ceil(numel / CHUNK)``; ``TMIX`` and ``RKEY`` are the per-tensor stream salt
+    and stochastic-rounding key.
+    """
+    for w in numba.prange(starts[-1]):
+        _add_item(w, table, starts, seeds, coeffs, is_gaussian, stochastic)
+
+
+@numba.njit(cache=True)
+def add_directions_serial(table, starts, seeds, coeffs, is_gaussian, stochastic):  # pragma: no cover
+    """:func:`add_directions` on the calling thread (small work: no thread wake-up)."""
+    for w in range(starts[-1]):
+        _add_item(w, table, starts, seeds, coeffs, is_gaussian, stochastic)
+
+
+@numba.njit(inline="always")
+def _load(buf, m, lo, address, kind):
+    """``buf[:m] = float32(src[lo:lo+m])``."""
+    if kind == F32:
+        src = numba.carray(ptr_f32(address + 4 * lo), m)
+        for j in range(m):
+            buf[j] = src[j]
+    else:
+        src16 = numba.carray(ptr_u16(address + 2 * lo), m)
+        if kind == BF16:
+            for j in range(m):
+                buf[j] = bf16_to_f32(src16[j])
+        else:
+            for j in range(m):
+                buf[j] = f16_to_f32(src16[j])
+
+
+@numba.njit(inline="always")
+def _lane_sum(g, padded):
+    """``sum(g[:padded])`` over ``LANES`` interleaved float64 accumulators, combined pairwise.
+
+    Many accumulators keep the adds independent (one chain would wait on the
+    adder's latency); the order is fixed, so the sum is too.
+    """
+    lanes = np.zeros(LANES, dtype=np.float64)
+    for j0 in range(0, padded, LANES):
+        for lane in range(LANES):
+            lanes[lane] += g[j0 + lane]
+    width = LANES
+    while width > 1:
+        width //= 2
+        for lane in range(width):
+            lanes[lane] += lanes[lane + width]
+    return lanes[0]
+
+
+@numba.njit(inline="always")
+def _project_unit(unit, table, starts, first_item, seeds, is_gaussian, partial):
+    """Unit ``unit`` of :func:`project`: one ``PROJECT_CHUNK`` of one tensor, one group of seeds."""
+    groups = (seeds.size + SEED_GROUP - 1) // SEED_GROUP
+    row = unit // groups
+    k0 = (unit % groups) * SEED_GROUP
+    k1 = min(seeds.size, k0 + SEED_GROUP)
+    w = first_item + row
+    t = _tensor_of(starts, w)
+    first = (w - starts[t]) * PROJECT_CHUNK
+    last = min(table[t, P_NUMEL], first + PROJECT_CHUNK)
+    keys = _keys(seeds[k0:k1], np.uint64(table[t, P_TMIX]))
+    d = np.zeros(BLOCK, dtype=np.float32)
+    g = np.empty(BLOCK, dtype=np.float64)
+    g32 = np.empty(BLOCK, dtype=np.float32)
+    doubtful = np.empty(BLOCK, dtype=np.bool_)
+    ig = np.empty(BLOCK, dtype=np.uint64)
+    for k in range(k0, k1):
+        partial[row, k] = 0.0
+    for lo in range(first, last, BLOCK):
+        m = min(BLOCK, last - lo)
+        padded = (m + LANES - 1) // LANES * LANES
+        _load(d, m, lo, table[t, ADDR], table[t, KIND])
+        for j in range(m, padded):
+            d[j] = 0.0
+        for j in range(padded):
+            ig[j] = counter(lo + j)
         for k in range(keys.size):
             key = keys[k]
-            c = coeffs[k]
-            neg = -c
-            for j in range(hi - lo):
-                x = _raw(key, np.uint64(lo + j))
-                if gaussian:
-                    acc[j] += c * _gaussian(x)
-                elif (x >> _S63) == 0:
-                    acc[j] += c
-                else:
-                    acc[j] += neg
-        for j in range(hi - lo):
-            out[lo + j] = base[lo + j] + acc[j]
+            if is_gaussian:
+                gaussians(g32, ig, padded, key, doubtful)
+                for j in range(padded):
+                    g[j] = np.float64(g32[j]) * np.float64(d[j])
+            else:
+                for j in range(padded):
+                    v = np.float64(d[j])
+                    g[j] = -v if (mix64(key + ig[j]) >> np.uint64(63)) != np.uint64(0) else v
+            partial[row, k0 + k] += _lane_sum(g, padded)
 
 
 @numba.njit(parallel=True, cache=True)
-def project(delta, keys, gaussian, out):  # pragma: no cover - compiled
-    """``out[k] = <D(keys[k]), delta>`` accumulated in float64 per direction."""
-    n = delta.size
-    for k in numba.prange(keys.size):
-        key = keys[k]
-        s = 0.0
-        for i in range(n):
-            x = _raw(key, np.uint64(i))
-            if gaussian:
-                s += np.float64(_gaussian(x)) * np.float64(delta[i])
-            elif (x >> _S63) == 0:
-                s += np.float64(delta[i])
-            else:
-                s -= np.float64(delta[i])
-        out[k] = s
+def project(table, starts, first_item, seeds, is_gaussian, partial):  # pragma: no cover - compiled
+    """``partial[w - first_item, k] = <D(seeds[k]), delta>`` over work item ``w``'s elements, multithreaded.
+
+    ``table`` has one row per tensor (columns ``ADDR .. P_TMIX``). Work items are
+    ``PROJECT_CHUNK``-element pieces of the tensors (``starts`` is their prefix
+    sum); this call does items ``first_item .. first_item + len(partial)``, each
+    split into groups of ``SEED_GROUP`` seeds so that a small tensor with many
+    seeds still keeps every thread busy. Products are exact in float64 (24-bit
+    times 24-bit significands).
+    """
+    units = partial.shape[0] * ((seeds.size + SEED_GROUP - 1) // SEED_GROUP)
+    for unit in numba.prange(units):
+        _project_unit(unit, table, starts, first_item, seeds, is_gaussian, partial)
+
+
+@numba.njit(cache=True)
+def project_serial(table, starts, first_item, seeds, is_gaussian, partial):  # pragma: no cover - compiled
+    """:func:`project` on the calling thread."""
+    units = partial.shape[0] * ((seeds.size + SEED_GROUP - 1) // SEED_GROUP)
+    for unit in range(units):
+        _project_unit(unit, table, starts, first_item, seeds, is_gaussian, partial)
+
+
+def work_starts(numel: np.ndarray, chunk: int) -> np.ndarray:
+    """Prefix sum of work items per tensor (``ceil(numel / chunk)`` each), shape (T + 1,)."""
+    starts = np.zeros(numel.size + 1, dtype=np.int64)
+    np.cumsum((numel + chunk - 1) // chunk, out=starts[1:])
+    return starts
