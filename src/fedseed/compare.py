@@ -64,19 +64,36 @@ def read_compare_config(path: str | Path) -> tuple[dict[str, Any], dict[str, dic
     return raw, methods
 
 
-def client_peak_bytes(exp, algo) -> int:
-    """Resident weights + the peak a client's sync and local training allocate on top of them."""
-    from fedseed.experiment import sample_clients
+def _probe(config: dict[str, Any], out) -> None:
+    """Child process: one client's sync + local training of round 1, under the memory probe."""
+    from fedseed.experiment import prepare, sample_clients
 
+    exp = prepare(load_config(config))
     cfg = exp.config
-    server = exp.algorithm()
+    server, client = exp.algorithm(), exp.algorithm()
     server.bind(exp.model)
-    client = exp.algorithm()
     client.bind(exp.model)
     c = sample_clients(cfg.run.seed, 1, cfg.federation.num_clients, cfg.federation.clients_per_round)[0]
     task = wire.decode(wire.encode(server.task(1, c, exp.model.position)), client.Task)
     _, extra = peak_extra_bytes(lambda: client.train(exp.model, exp.batches(1, c), task), cfg.run.device)
-    return resident_bytes(exp.model.module) + extra
+    out.put(resident_bytes(exp.model.module) + extra)
+
+
+def client_peak_bytes(config: dict[str, Any]) -> int:
+    """Resident weights + the peak a client's local training allocates on top of them.
+
+    Measured in a fresh process: the CPU probe (torch's profiler) leaves the
+    process it ran in several times slower, which must not touch the timed runs.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_probe, args=(config, out))
+    proc.start()
+    peak = out.get(timeout=3600)
+    proc.join()
+    return peak
 
 
 def compare(config_path: str | Path, methods: list[str], overrides: list[str] = (), console=None) -> dict[str, Any]:
@@ -90,12 +107,11 @@ def compare(config_path: str | Path, methods: list[str], overrides: list[str] = 
     for name in methods:
         table = method_table(name, tables)
         cfg = load_config({**base, "algorithm": table}, [*overrides, f"run.output_dir={json.dumps(str(out / name))}"])
+        peak = client_peak_bytes(cfg.to_dict())
         t0 = time.perf_counter()
         exp = prepare(cfg)
         folder = RunFolder(cfg.run.output_dir)
         folder.create(cfg, exp.data.partition.to_json(), overwrite=True)
-        peak = client_peak_bytes(exp, exp.algorithm())
-        exp = prepare(cfg)  # fresh weights: the memory probe trained the model
         ledger = simulate(exp, folder)
         rep = build_report(folder, ledger.header.algorithm, exp.model.numel, folder.ledger_path.stat().st_size, {})
         rows.append(_row(name, table, rep, folder.metrics(), time.perf_counter() - t0, peak))
