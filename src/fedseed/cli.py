@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated method names")
     cmp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a base value")
     cmp.set_defaults(fn=cmd_compare)
+    from fedseed.runners.flower_config import add_flower_config_command
+
+    add_flower_config_command(sub)
     return p
 
 

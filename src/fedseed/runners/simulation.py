@@ -78,6 +78,27 @@ def open_ledger(folder: RunFolder, exp: Experiment, server: Algorithm, resume: b
     return ledger
 
 
+def accept(server: Algorithm, task: Any, c: int, up: bytes, result: RoundResult) -> Any | None:
+    """Decode and check client ``c``'s encoded reply; a rejected one is recorded with its reason, and None returned."""
+    result.uplink[c] = len(up)
+    try:
+        reply = wire.decode(up, server.Reply)
+        server.check(reply, task)
+    except (wire.WireError, InvalidReply) as e:
+        result.rejected[c] = str(e)
+        return None
+    result.skipped_steps += reply.skipped
+    return reply
+
+
+def close_round(server: Algorithm, round: int, replies: list[Any], result: RoundResult) -> Any:
+    """The round's update from its accepted replies (arrival order does not matter)."""
+    if not replies:
+        raise InvalidReply(f"round {round}: every reply was rejected: {result.rejected}")
+    result.train_loss = sum(r.loss for r in replies) / len(replies)
+    return server.aggregate(round, replies)
+
+
 def run_round(exp: Experiment, server: Algorithm, client: Algorithm, round: int, events: Events) -> tuple[Any, RoundResult]:
     """Tasks out, local training, replies back and checked, aggregation. Changes no server state."""
     fed = exp.config.federation
@@ -87,21 +108,13 @@ def run_round(exp: Experiment, server: Algorithm, client: Algorithm, round: int,
     for c in result.clients:
         task = server.task(round, c, exp.model.position)
         down = wire.encode(task)
+        result.downlink[c] = len(down)
         up = wire.encode(client.train(exp.model, exp.batches(round, c), wire.decode(down, client.Task)))
-        result.downlink[c], result.uplink[c] = len(down), len(up)
-        try:
-            reply = wire.decode(up, server.Reply)
-            server.check(reply, task)
-        except (wire.WireError, InvalidReply) as e:
-            result.rejected[c] = str(e)
-            continue
-        replies.append(reply)
-        result.skipped_steps += reply.skipped
-        events.client_done(round, c)
-    if not replies:
-        raise InvalidReply(f"round {round}: every reply was rejected: {result.rejected}")
-    result.train_loss = sum(r.loss for r in replies) / len(replies)
-    return server.aggregate(round, replies), result
+        reply = accept(server, task, c, up, result)
+        if reply is not None:
+            replies.append(reply)
+            events.client_done(round, c)
+    return close_round(server, round, replies, result), result
 
 
 def sync_to_latest(exp: Experiment, server: Algorithm, client: Algorithm) -> None:
@@ -129,6 +142,37 @@ def evaluate(exp: Experiment, generation: bool, events: Events) -> dict[str, flo
     return out
 
 
+def begin(exp: Experiment, folder: RunFolder, server: Algorithm, client: Algorithm, resume: bool,
+          events: Events) -> Ledger:
+    """Bind both algorithm objects to the model, open (or replay) the ledger, evaluate the base model on a fresh run."""
+    server.bind(exp.model)
+    client.bind(exp.model)
+    ledger = open_ledger(folder, exp, server, resume)
+    folder.trim_metrics(ledger.rounds)
+    if ledger.rounds == 0 and exp.config.eval.before:
+        folder.append_metrics({"round": 0, **evaluate(exp, generation=True, events=events)})
+    return ledger
+
+
+def finish_round(exp: Experiment, folder: RunFolder, ledger: Ledger, server: Algorithm, client: Algorithm, update: Any,
+                 result: RoundResult, started: float, events: Events, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Append the update to the ledger, commit it, evaluate when due, write the metrics row; returns the row.
+
+    ``started`` is the round's ``time.perf_counter()`` start; ``extra`` adds a runner's own columns to the row.
+    """
+    ledger.append(update)
+    server.commit(update)
+    row = {**result.row(), **(extra or {})}
+    final = update.round == exp.config.federation.rounds
+    if update.round % exp.config.eval.every == 0 or final:
+        sync_to_latest(exp, server, client)
+        row.update(evaluate(exp, generation=final, events=events))
+    row["seconds"] = time.perf_counter() - started
+    folder.append_metrics(row)
+    events.round_end(row)
+    return row
+
+
 def simulate(exp: Experiment, folder: RunFolder, resume: bool = False, stop_after: int | None = None,
              events: Events | None = None) -> Ledger:
     """Run, or continue, the federated training of ``exp.config``; returns the ledger.
@@ -138,25 +182,11 @@ def simulate(exp: Experiment, folder: RunFolder, resume: bool = False, stop_afte
     events = events or Events()
     cfg = exp.config
     server, client = exp.algorithm(), exp.algorithm()
-    server.bind(exp.model)
-    client.bind(exp.model)
-    ledger = open_ledger(folder, exp, server, resume)
-    folder.trim_metrics(ledger.rounds)
-    if ledger.rounds == 0 and cfg.eval.before:
-        folder.append_metrics({"round": 0, **evaluate(exp, generation=True, events=events)})
+    ledger = begin(exp, folder, server, client, resume, events)
     last = cfg.federation.rounds if stop_after is None else min(stop_after, cfg.federation.rounds)
     for round in range(ledger.rounds + 1, last + 1):
         t0 = time.perf_counter()
         update, result = run_round(exp, server, client, round, events)
-        ledger.append(update)
-        server.commit(update)
-        row = result.row()
-        final = round == cfg.federation.rounds
-        if round % cfg.eval.every == 0 or final:
-            sync_to_latest(exp, server, client)
-            row.update(evaluate(exp, generation=final, events=events))
-        row["seconds"] = time.perf_counter() - t0
-        folder.append_metrics(row)
-        events.round_end(row)
+        finish_round(exp, folder, ledger, server, client, update, result, t0, events)
     sync_to_latest(exp, server, client)
     return ledger

@@ -1,0 +1,39 @@
+"""fedseed's Flower app: the ServerApp and ClientApp that ``flower/pyproject.toml`` names.
+
+Thin entry points only. The ServerApp runs :func:`~fedseed.runners.flower_server.serve`
+(the round loop), the ClientApp answers ``train`` instructions and ``query`` roll
+calls with :mod:`~fedseed.runners.flower_client`. Any fedseed algorithm runs
+through them unchanged: neither side knows which one it moves messages for.
+The heavy imports (torch, transformers) happen inside the handlers, so a roll
+call, which Flower answers in a fresh process, stays quick.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+server = ServerApp()
+client = ClientApp()
+
+
+@server.main()
+def serve(grid: Grid, context: Context) -> None:
+    from fedseed.runners.flower_server import serve as run
+
+    run(grid, context.run_config)
+
+
+@client.train()
+def train(msg: Message, context: Context) -> Message:
+    from fedseed.runners.flower_client import handle_train
+
+    return handle_train(msg, context)
+
+
+@client.query()
+def roll_call(msg: Message, context: Context) -> Message:
+    from fedseed.runners.flower_client import handle_roll_call
+
+    return handle_roll_call(msg, context)
