@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from fedseed import wire
 from fedseed.algorithms import METHODS
-from fedseed.config import ConfigError, load_config
+from fedseed.config import ConfigError, load_config, read_toml
 from fedseed.memory import peak_extra_bytes, resident_bytes
 from fedseed.report import build_report, human_bytes
 
@@ -52,13 +51,7 @@ def method_table(name: str, overrides: dict[str, dict[str, Any]]) -> dict[str, A
 
 def read_compare_config(path: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The base config as a dict and the per-method ``[methods.<name>]`` tables."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    raw = read_toml(path)
     methods = raw.pop("methods", {})
     raw.pop("algorithm", None)  # each method brings its own
     return raw, methods

@@ -143,18 +143,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A config file as a dict, or a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+
+
 def load_config(source: str | Path | dict[str, Any], overrides: list[str] = ()) -> Config:
     """Read a TOML file (or an already-parsed dict), apply overrides, validate everything."""
     if isinstance(source, dict):
         raw = {k: dict(v) if isinstance(v, dict) else v for k, v in source.items()}
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        raw = read_toml(source)
     for text in overrides:
         (section, key), value = parse_override(text)
         raw.setdefault(section, {})[key] = value
