@@ -126,7 +126,7 @@ def test_trainable_set(run: Run) -> None:
 def test_bytes_per_round_match_the_formula(run: Run) -> None:
     n = TRAINABLE[run.method]
     assert task_bytes(n) == 4 + 4 + 4 + 4 + 4 * n  # header, round, client, count, weights
-    assert reply_bytes(n) == 4 + 6 * 4 + 4 + 4 * n  # header, six scalars, count, delta
+    assert reply_bytes(n) == 4 + 6 * 4 + 4 + 4 * n + 8  # header, six scalars, count, delta, fingerprint
     for row in run.rows:
         assert set(row["uplink_bytes"].values()) == {reply_bytes(n)}
         assert set(row["downlink_bytes"].values()) == {task_bytes(n)}
@@ -203,7 +203,8 @@ def test_rejected_replies_leave_the_server_unchanged(base, tmp_path) -> None:
     with pytest.raises(wire.WireError, match="non-finite"):
         wire.encode(bad["NaN"])
     frame = bytearray(wire.encode(good))
-    frame[-4:] = np.float32(np.nan).tobytes()  # the last delta value, forged on the wire
+    end = wire.layout(good)["delta"][1]
+    frame[end - 4 : end] = np.float32(np.nan).tobytes()  # the last delta value, forged on the wire
     with pytest.raises(wire.WireError, match="DenseReply.delta: non-finite value at index 260031"):
         wire.decode(bytes(frame), DenseReply)
     for update in (DenseUpdate(2, good.delta), DenseUpdate(1, good.delta[:-1])):

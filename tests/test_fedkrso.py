@@ -103,7 +103,7 @@ def test_bytes_are_the_encoded_lengths_and_match_the_formula(run):
     for row, update, frame in zip(folder.metrics()[1:], ledger.decoded(FedKRSO.Update), ledger.updates):
         used = []
         for c in row["clients"]:
-            u, rest = divmod(row["uplink_bytes"][str(c)] - 37, per_seed)  # reply = 37 + u (1 + 4S)
+            u, rest = divmod(row["uplink_bytes"][str(c)] - 45, per_seed)  # reply = 45 + u (1 + 4S), fingerprint included
             assert rest == 0 and 1 <= u <= 2  # 6 steps / interval 3 = at most 2 subspaces
             used.append(u)
         assert max(used) <= update.seed_ids.size <= sum(used)
@@ -224,7 +224,7 @@ def test_non_finite_losses_are_skipped_and_counted(run):
     assert (reply.steps, reply.skipped, reply.loss) == (6, 6, 0.0)
     assert not reply.values.any()
     per_seed = 1 + 4 * ALGORITHM["rank"] * ROWS
-    assert len(wire.encode(reply)) == 37 + reply.seed_ids.size * per_seed
+    assert len(wire.encode(reply)) == 45 + reply.seed_ids.size * per_seed
     algo.check(wire.decode(wire.encode(reply), SubspaceReply), task)
 
 

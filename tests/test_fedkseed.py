@@ -9,7 +9,8 @@ import torch
 from conftest import run_simulation, small_config
 from fedseed import wire
 from fedseed.algorithms import EVALUATOR, InvalidReply, build_algorithm
-from fedseed.algorithms.fedkseed import FedKSeed, FedKSeedConfig, SeedReply, SeedTask, pro_probabilities
+from fedseed.algorithms.fedkseed import FedKSeed, FedKSeedConfig, SeedReply, pro_probabilities
+from fedseed.config import RobustSection
 from fedseed.models import LocalModel, load_model
 from fedseed.replay import rebuild, replay
 
@@ -58,8 +59,8 @@ def test_same_config_same_ledger_bytes(fedkseed_run, tmp_path):
 
 def _reply_formula(n: int, width: int, dense_k: int = 0) -> int:
     # header 4 | round, client, num_examples, steps, skipped: 5 x u32 | loss f32 | dense u8
-    # | seed_ids: u32 count + u8 width + n*width | values: u32 count + 4 per value
-    fixed = 4 + 5 * 4 + 4 + 1 + 5 + 4
+    # | seed_ids: u32 count + u8 width + n*width | values: u32 count + 4 per value | fingerprint u64
+    fixed = 4 + 5 * 4 + 4 + 1 + 5 + 4 + 8
     return fixed + (4 * dense_k if dense_k else n * (width + 4))
 
 
@@ -98,11 +99,11 @@ def test_reply_encoding_matches_formula_and_picks_smaller_form():
     algo = FedKSeed(FedKSeedConfig(num_seeds=4096, local_steps=200), seed=1)
     task = algo.task(1, 0, 0)
     ids = list(range(0, 400, 2))  # 200 distinct seeds, max id 398 -> 2-byte ids
-    reply = algo._reply(task, ids, [0.5] * 200, [1.0] * 200, 0, num_examples=10)
+    reply = algo._reply(task, ids, [0.5] * 200, [1.0] * 200, 0, num_examples=10, fingerprint=7)
     assert not reply.dense
-    assert len(wire.encode(reply)) == _reply_formula(200, 2) == 1238
+    assert len(wire.encode(reply)) == _reply_formula(200, 2) == 1246
     small_pool = FedKSeed(FedKSeedConfig(num_seeds=64, local_steps=200), seed=1)
-    reply = small_pool._reply(small_pool.task(1, 0, 0), [i % 64 for i in range(200)], [0.5] * 200, [1.0] * 200, 0, 10)
+    reply = small_pool._reply(small_pool.task(1, 0, 0), [i % 64 for i in range(200)], [0.5] * 200, [1.0] * 200, 0, 10, 7)
     assert reply.dense  # 64 sums (256 B) beat 64 pairs (320 B)
     assert len(wire.encode(reply)) == _reply_formula(0, 0, dense_k=64)
     assert np.allclose(reply.values[:8], [0.5 * (4 if i < 200 % 64 else 3) for i in range(8)])
@@ -130,6 +131,7 @@ def test_pro_probabilities_hand_worked():
 
 def test_pro_history_through_aggregation_with_clipping():
     algo = FedKSeed(FedKSeedConfig(num_seeds=4, local_steps=3, pro=True, lr=0.1), seed=3)
+    algo.robust = RobustSection(norm_clip=0, max_weight=1)  # the plain weighted mean of the paper
     task = algo.task(1, 0, 0)
     assert task.probabilities.size == 4 and np.allclose(task.probabilities, 0.25)
     r0 = SeedReply(1, 0, 1, 3, 0, 1.0, 0, np.array([1, 1, 2]), np.array([2.0, -4.0, 5000.0], np.float32))

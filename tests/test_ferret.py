@@ -113,8 +113,8 @@ def test_bytes_are_the_encoded_lengths_and_match_the_formula(run):
         clients = row["clients"]
         bases = update.bases.reshape(len(clients), num_blocks)
         for c, per_block in zip(clients, bases):
-            # reply = header 4 + six 4-byte scalars + seed 8 + uint[] (5 + L w) + f32[] (4 + 4K)
-            assert row["uplink_bytes"][str(c)] == 45 + num_blocks * uint_width(int(per_block.max())) + 4 * k
+            # reply = header 4 + six 4-byte scalars + seed 8 + uint[] (5 + L w) + f32[] (4 + 4K) + fingerprint 8
+            assert row["uplink_bytes"][str(c)] == 53 + num_blocks * uint_width(int(per_block.max())) + 4 * k
             # the live copy is synced at every evaluation, so each task carries no round: 39 bytes
             assert row["downlink_bytes"][str(c)] == 39
         n, w = len(clients), uint_width(int(update.bases.max()))

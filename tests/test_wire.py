@@ -71,12 +71,15 @@ def test_nan_and_inf_are_rejected_both_ways():
         wire.encode(_reply(loss=float("nan")))
     with pytest.raises(wire.WireError, match="values"):
         wire.encode(_reply(values=np.array([0.0, np.inf, 1.0], np.float32)))
+    spans = wire.layout(_reply())
     data = bytearray(wire.encode(_reply()))
     nan = struct.pack("<f", float("nan"))
-    data[-4:] = nan  # last value
+    end = spans["values"][1]
+    data[end - 4 : end] = nan  # last value
     with pytest.raises(wire.WireError, match=r"SeedReply.values: non-finite value at index 2"):
         wire.decode(bytes(data), SeedReply)
-    loss_at = 4 + 5 * 4
+    loss_at = spans["loss"][0]
+    assert loss_at == 4 + 5 * 4
     data = bytearray(wire.encode(_reply()))
     data[loss_at : loss_at + 4] = nan
     with pytest.raises(wire.WireError, match="SeedReply.loss"):

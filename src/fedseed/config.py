@@ -77,12 +77,39 @@ class EvalSection:
     before: bool = _f(True, "also evaluate the base model (round 0) for before/after numbers")
 
 
+@dataclass
+class RobustSection:
+    """The server's defences against hostile or broken clients (fedseed.algorithms.robust says how each works)."""
+
+    rule: str = _f("mean", "how clients' values on one seed/coordinate combine", ("mean", "median", "trimmed-mean"))
+    trim: float = _f(0.2, "trimmed-mean: fraction of the reporting clients cut from each end, per coordinate")
+    norm_clip: float = _f(3.0, "scale a client's update down to this multiple of the round's median norm (0 = off)")
+    value_clip: float = _f(0.0, "clip every scalar/coordinate to this multiple of the round's median |value| (0 = off)")
+    max_weight: float = _f(0.5, "cap on one client's share of a round (1 = off; never below 1 / replies)")
+    fingerprint_samples: int = _f(1024, "weights hashed to detect a client whose copy drifted (0 = off)")
+
+
+ATTACKS = ("huge", "sign-flip", "nan", "out-of-pool", "stale-round", "wrong-client", "inflate-examples",
+           "truncated", "random-bytes", "duplicate", "drift")
+
+
+@dataclass
+class FaultsSection:
+    """Fault injection (in-process runs): clients 0 .. adversaries - 1 misbehave in every round they are sampled."""
+
+    adversaries: int = _f(0, "how many clients misbehave (the lowest client ids)")
+    attack: str = _f("huge", "what they do (fedseed.faults describes each)", ATTACKS)
+    scale: float = _f(1e30, "huge: the factor on every reported value")
+
+
 SECTIONS: dict[str, type] = {
     "run": RunSection,
     "model": ModelSection,
     "data": DataSection,
     "federation": FederationSection,
     "eval": EvalSection,
+    "robust": RobustSection,
+    "faults": FaultsSection,
 }
 
 
@@ -93,6 +120,8 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     federation: FederationSection = field(default_factory=FederationSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    robust: RobustSection = field(default_factory=RobustSection)
+    faults: FaultsSection = field(default_factory=FaultsSection)
     algorithm: dict[str, Any] = field(default_factory=lambda: {"name": "fedkseed"})
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,7 +200,7 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] = ()) 
     cfg.algorithm = dict(raw.get("algorithm", {"name": "fedkseed"}))
     from fedseed.algorithms import algorithm_config  # validates [algorithm] against the method
 
-    algorithm_config(cfg.algorithm)
+    algorithm_config(cfg.algorithm, cfg.robust)
     _check_ranges(cfg)
     return cfg
 
@@ -190,3 +219,14 @@ def _check_ranges(cfg: Config) -> None:
         )
     if data.alpha <= 0:
         raise ConfigError(f"`data.alpha` must be > 0, got {data.alpha}")
+    rob, faults = cfg.robust, cfg.faults
+    if not 0 <= rob.trim < 0.5:
+        raise ConfigError(f"`robust.trim` must be in [0, 0.5), got {rob.trim}")
+    if not 0 < rob.max_weight <= 1:
+        raise ConfigError(f"`robust.max_weight` must be in (0, 1], got {rob.max_weight}")
+    for key in ("norm_clip", "value_clip", "fingerprint_samples"):
+        if getattr(rob, key) < 0:
+            raise ConfigError(f"`robust.{key}` must be >= 0 (0 turns it off), got {getattr(rob, key)}")
+    if not 0 <= faults.adversaries <= fed.num_clients:
+        raise ConfigError(f"`faults.adversaries` must be in 0..federation.num_clients ({fed.num_clients}), "
+                          f"got {faults.adversaries}")

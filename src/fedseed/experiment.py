@@ -163,7 +163,7 @@ class Experiment:
 
     def algorithm(self) -> Algorithm:
         """A fresh algorithm object (server and clients each build their own)."""
-        return build_algorithm(self.config.algorithm, self.config.run.seed)
+        return build_algorithm(self.config.algorithm, self.config.run.seed, self.config.robust)
 
     def batches(self, round: int, client: int) -> BatchStream:
         return BatchStream(self.data.clients[client], self.config.data.batch_size, self.pad_id,

@@ -6,9 +6,11 @@ File layout, all content encoded by the wire codec::
     b"FSLEDGER" | record(header) | record(update round 1) | record(update round 2) | ...
     record = u32 length | u32 crc32 | wire frame
 
-Records are appended and flushed to disk after every round, so a run killed at
-any moment leaves a readable ledger; a torn last record (crash mid-write) is
-detected by its length or checksum and dropped by :meth:`Ledger.open` with
+Every change is atomic: the new file is written beside the old one, fsynced,
+renamed over it and the folder fsynced, so a process killed at any instant leaves
+either the ledger before the round or the ledger after it, never half a round and
+never a round twice. A torn or corrupt tail (a copy cut short, a disk fault) is
+still detected by its length or checksum and dropped by :meth:`Ledger.open` with
 ``repair=True`` (resume), or reported by name otherwise.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import zlib
 from dataclasses import dataclass
@@ -40,7 +43,7 @@ class LedgerHeader:
 
     format: U8
     algorithm: Str
-    algorithm_config: Str  # canonical JSON of the algorithm's hyperparameters
+    algorithm_config: Str  # canonical JSON of what shapes the updates: the resolved method config, [robust], [faults]
     seed: U64  # run seed: fixes the seed pool and every client's randomness
     base_model: Str  # path or Hub id, as given
     base_hash: Str  # sha256 of the base weights (models.content_hash)
@@ -80,10 +83,7 @@ class Ledger:
     @classmethod
     def create(cls, path: Path, header: LedgerHeader) -> "Ledger":
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(MAGIC + _record(wire.encode(header)))
-            f.flush()
-            os.fsync(f.fileno())
+        _replace_atomically(path, MAGIC + _record(wire.encode(header)))
         return cls(path, header, [])
 
     @classmethod
@@ -102,17 +102,18 @@ class Ledger:
         except wire.WireError as e:
             raise LedgerError(f"{path}: bad header: {e}") from None
         if problem:  # drop the torn tail so appends continue from the last whole round
-            with open(path, "r+b") as f:
-                f.truncate(end)
+            _replace_atomically(path, data[:end])
         return cls(path, header, frames[1:])
 
     def append(self, update: Any) -> int:
-        """Encode, append and flush one aggregated update; returns its size in bytes."""
+        """Encode one aggregated update and commit it to disk atomically; returns its size in bytes.
+
+        The old file is copied (by the kernel) to a temporary beside it, the record
+        appended there, and the temporary renamed over the ledger: the cost is a
+        copy of the ledger per round, kilobytes for the seed methods.
+        """
         frame = wire.encode(update)
-        with open(self.path, "ab") as f:
-            f.write(_record(frame))
-            f.flush()
-            os.fsync(f.fileno())
+        _replace_atomically(self.path, _record(frame), keep=True)
         self.updates.append(frame)
         return len(frame)
 
@@ -136,6 +137,27 @@ class Ledger:
                 f"base model {base_model!r} has content hash {base_hash[:16]}..., but the ledger was built on "
                 f"{self.header.base_model!r} with hash {self.header.base_hash[:16]}...; load the same base model"
             )
+
+
+def _replace_atomically(path: Path, data: bytes, keep: bool = False) -> None:
+    """Make ``path`` hold ``data`` (``keep``: its old bytes followed by ``data``) in one rename.
+
+    write, fsync, rename, fsync the folder: after a crash at any point the file
+    is either wholly the old one or wholly the new one.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    if keep:
+        shutil.copyfile(path, tmp)
+    with open(tmp, "ab" if keep else "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def canonical_json(obj: Any) -> str:

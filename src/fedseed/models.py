@@ -13,6 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedseed.directions import DirectionSpace
@@ -20,6 +21,7 @@ from fedseed.directions import DirectionSpace
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda")
 DIRTY = -1  # position of a copy whose weights were changed locally since its last sync
+FINGERPRINT_TAG = 0xF1A6
 
 
 class ModelError(ValueError):
@@ -136,6 +138,31 @@ class LocalModel:
         if distribution not in self._spaces:
             self._spaces[distribution] = DirectionSpace(self.trainable, distribution)
         return self._spaces[distribution]
+
+    @torch.no_grad()
+    def fingerprint(self, seed: int, position: int, samples: int) -> int:
+        """A 64-bit hash of ``samples`` trainable elements drawn from ``(seed, position)``; 0 when ``samples`` is 0.
+
+        Every party holding the global model at ``position`` gets the same number
+        (the weights are bitwise identical by construction), so a different number
+        means a copy that drifted. Sampling keeps it cheap on any model; drawing a
+        new sample at every position means a fault in a few weights that one round's
+        sample misses is met by a later round's.
+        """
+        if samples <= 0:
+            return 0
+        sizes = [p.numel() for _, p in self.trainable]
+        picks = np.random.default_rng([seed, FINGERPRINT_TAG, max(position, 0)]).integers(0, sum(sizes), samples)
+        picks = np.unique(picks)  # ascending
+        digest = hashlib.blake2b(digest_size=8)
+        bounds = np.cumsum([0, *sizes])
+        for (name, p), lo, hi in zip(self.trainable, bounds[:-1], bounds[1:]):
+            mine = picks[(picks >= lo) & (picks < hi)] - lo
+            if mine.size:
+                index = torch.from_numpy(mine).to(p.device)
+                values = p.detach().reshape(-1)[index].to(torch.float32).cpu().numpy()
+                digest.update(name.encode() + values.tobytes())
+        return int.from_bytes(digest.digest(), "little")
 
     @property
     def numel(self) -> int:

@@ -44,7 +44,7 @@ def rebuild(run_dir: str | Path, overrides: list[str] = ()) -> Rebuilt:
     module, tokenizer = load(cfg)
     ledger.check_base(cfg.model.name_or_path, content_hash(module))
     model = LocalModel.wrap(module)
-    algo = build_algorithm(cfg.algorithm, cfg.run.seed)
+    algo = build_algorithm(cfg.algorithm, cfg.run.seed, cfg.robust)
     algo.bind(model)
     replay(algo, ledger, model)
     return Rebuilt(cfg, model, tokenizer, algo, ledger)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +72,27 @@ class RunFolder:
     def append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def metrics(self) -> list[dict[str, Any]]:
+        """Every whole row; a line cut short by a crash mid-write is not a row."""
         if not self.metrics_path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
 
     def trim_metrics(self, rounds: int) -> None:
-        """Forget rows past the ledger (a crash can leave a row for a round the ledger lacks, or the reverse)."""
+        """Forget rows past the ledger: a run killed after a round's row but before its ledger commit redoes that round."""
         rows = [r for r in self.metrics() if r["round"] <= rounds]
-        self.metrics_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        os.replace(tmp, self.metrics_path)
 
     def write_text(self, name: str, text: str) -> Path:
         path = self.path / name

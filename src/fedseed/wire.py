@@ -104,6 +104,21 @@ def encode(msg: Any) -> bytes:
     return b"".join(out)
 
 
+def layout(msg: Any) -> dict[str, tuple[int, int]]:
+    """The byte span ``[start, end)`` of each field in ``encode(msg)``: where a test or a fault injector must look."""
+    spans, pos = {}, 4
+    for name, kind in _FIELDS[type(msg)]:
+        size = len(_encode_field(kind, getattr(msg, name)))
+        spans[name] = (pos, pos + size)
+        pos += size
+    return spans
+
+
+def fields(cls: type) -> tuple[tuple[str, str], ...]:
+    """``(name, kind)`` of every field of a registered message, in wire order."""
+    return _FIELDS[cls]
+
+
 def _encode_field(kind: str, value: Any) -> bytes:
     if kind in _SCALARS:
         if kind in ("f32", "f64") and not math.isfinite(value):

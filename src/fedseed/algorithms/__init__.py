@@ -7,7 +7,6 @@ dataclass; :func:`build_algorithm` is the only place a name becomes an object.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 from fedseed.algorithms.base import EVALUATOR, Algorithm, Batches, InvalidReply
@@ -17,11 +16,12 @@ from fedseed.algorithms.fedkrso import FedKRSO, FedKRSOConfig
 from fedseed.algorithms.fedkseed import FedKSeed, FedKSeedConfig
 from fedseed.algorithms.fedzo import FedZO, FedZOConfig
 from fedseed.algorithms.ferret import Ferret, FerretConfig
+from fedseed.config import RobustSection
 
 __all__ = ["EVALUATOR", "Algorithm", "Batches", "InvalidReply", "algorithm_config", "build_algorithm", "METHODS"]
 
-# name -> (config class, fixed config values, constructor)
-METHODS: dict[str, tuple[type, dict[str, Any], Callable[[Any, int], Algorithm]]] = {
+# name -> (config class, fixed config values, algorithm class)
+METHODS: dict[str, tuple[type, dict[str, Any], type[Algorithm]]] = {
     "fedkseed": (FedKSeedConfig, {"pro": False}, FedKSeed),
     "fedkseed-pro": (FedKSeedConfig, {"pro": True}, FedKSeed),
     "ferret": (FerretConfig, {}, Ferret),
@@ -32,14 +32,18 @@ METHODS: dict[str, tuple[type, dict[str, Any], Callable[[Any, int], Algorithm]]]
 }
 
 
-def algorithm_config(table: dict[str, Any]) -> Any:
-    """Validate an ``[algorithm]`` table and return the method's config dataclass."""
+def algorithm_config(table: dict[str, Any], robust: RobustSection | None = None) -> Any:
+    """Validate an ``[algorithm]`` table (and that ``robust.rule`` suits the method); return its config dataclass."""
     from fedseed.config import ConfigError, build_section
 
     name = table.get("name", "fedkseed")
     if name not in METHODS:
         raise ConfigError(f"`algorithm.name` must be one of {', '.join(METHODS)}; got {name!r}")
-    cls, fixed, _ = METHODS[name]
+    cls, fixed, make = METHODS[name]
+    if robust is not None and robust.rule not in make.rules:
+        raise ConfigError(f"`robust.rule` = {robust.rule!r} is not available for {name} (its clients report "
+                          f"coordinates in bases of their own, which no other client shares); use one of "
+                          f"{', '.join(make.rules)} with `robust.norm_clip` / `robust.max_weight`")
     params = {k: v for k, v in table.items() if k != "name"}
     for key in fixed:
         if key in params and params[key] != fixed[key]:
@@ -63,7 +67,9 @@ def _visible(cls: type, hidden: set[str]) -> type:
     return dataclasses.make_dataclass(cls.__name__, fields, namespace={"__module__": cls.__module__})
 
 
-def build_algorithm(table: dict[str, Any], seed: int) -> Algorithm:
-    """The algorithm object for an ``[algorithm]`` table and a run seed."""
-    cfg = algorithm_config(table)
-    return METHODS[table.get("name", "fedkseed")][2](cfg, seed)
+def build_algorithm(table: dict[str, Any], seed: int, robust: RobustSection | None = None) -> Algorithm:
+    """The algorithm object for an ``[algorithm]`` table, a run seed and the server's defences."""
+    robust = robust or RobustSection()
+    algo = METHODS[table.get("name", "fedkseed")][2](algorithm_config(table, robust), seed)
+    algo.robust = robust
+    return algo

@@ -22,6 +22,8 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from fedseed.algorithms.robust import RULES
+from fedseed.config import RobustSection
 from fedseed.models import LocalModel
 
 Batch = dict[str, torch.Tensor]
@@ -56,6 +58,9 @@ class Algorithm(ABC):
     Task: ClassVar[type]
     Reply: ClassVar[type]
     Update: ClassVar[type]
+    rules: ClassVar[tuple[str, ...]] = RULES  # the robust.rule values this method's updates can be combined by
+    seed: int  # the run seed
+    robust: RobustSection = RobustSection()  # the server's defences; build_algorithm sets the run's
 
     # -- server side -------------------------------------------------------------
     @abstractmethod
@@ -90,6 +95,10 @@ class Algorithm(ABC):
         """Updates are committed in round order, each exactly once."""
         if update.round != self.committed + 1:
             raise InvalidReply(f"update for round {update.round}, but round {self.committed + 1} is next")
+
+    def fingerprint(self, model: LocalModel, task: Any) -> int:
+        """What the reply reports of the copy just synced for ``task``: the server compares it with its own."""
+        return model.fingerprint(self.seed, task.round - 1, self.robust.fingerprint_samples)
 
     def bind(self, model: LocalModel) -> None:
         """Prepare a freshly loaded model; runners call it once per model, before any other hook.

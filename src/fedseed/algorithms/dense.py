@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, require
+from fedseed.algorithms.robust import Contribution, capped_weights, clip_norms, clip_values, combine
 from fedseed.models import DIRTY, LocalModel
-from fedseed.wire import F32, F32Array, U32, message
+from fedseed.wire import F32, F32Array, U32, U64, message
 
 FRAME_HEADER = 4  # b"FS" | version | tag
 
@@ -39,8 +40,8 @@ def task_bytes(numel: int) -> int:
 
 
 def reply_bytes(numel: int) -> int:
-    """Encoded size of a :class:`DenseReply`: header, six 4-byte scalars, then the f32[] delta."""
-    return FRAME_HEADER + 6 * 4 + 4 + 4 * numel
+    """Encoded size of a :class:`DenseReply`: header, six 4-byte scalars, the f32[] delta, the u64 fingerprint."""
+    return FRAME_HEADER + 6 * 4 + 4 + 4 * numel + 8
 
 
 def update_bytes(numel: int) -> int:
@@ -70,6 +71,7 @@ class DenseReply:
     skipped: U32
     loss: F32  # mean training loss over the kept steps
     delta: F32Array  # (numel,) w_end - w_start, same layout as the task's weights
+    fingerprint: U64 = 0  # Algorithm.fingerprint of the copy synced for the task (0: check off)
 
     def validate(self) -> None:
         if self.skipped > self.steps:
@@ -107,15 +109,6 @@ def unflatten_(tensors: Sequence[torch.Tensor], flat: np.ndarray) -> None:
     """Copy ``flat`` back into the tensors, in order (cast to each tensor's dtype and device)."""
     for t, values in zip(tensors, split_like(flat, tensors)):
         t.copy_(values)
-
-
-def weighted_mean(deltas: Sequence[np.ndarray], weights: Sequence[int]) -> np.ndarray:
-    """``sum_i (n_i / sum n) * delta_i``, accumulated in float64 in the given order, as float32."""
-    total = float(sum(weights))
-    acc = np.zeros(deltas[0].size, dtype=np.float64)
-    for delta, n in zip(deltas, weights):
-        acc += (n / total) * delta.astype(np.float64)
-    return acc.astype(np.float32)
 
 
 def require_positive(cfg: object, *names: str) -> None:
@@ -179,8 +172,13 @@ class DenseAlgorithm(Algorithm):
     def aggregate(self, round: int, replies: Sequence[DenseReply]) -> DenseUpdate:
         if not replies:
             raise InvalidReply(f"round {round}: no replies to aggregate")
+        rob = self.robust
         ordered = sorted(replies, key=lambda r: r.client)  # arrival order must not change the bits
-        return DenseUpdate(round, weighted_mean([r.delta for r in ordered], [r.num_examples for r in ordered]))
+        weights = capped_weights([r.num_examples for r in ordered], rob.max_weight)
+        whole = np.zeros(1, dtype=np.int64)  # the delta is one row: every client reports every coordinate
+        deltas = [Contribution(whole, d[None, :]) for d in clip_values([r.delta for r in ordered], rob.value_clip)]
+        _, rows = combine(clip_norms(deltas, rob.norm_clip), weights, rob.rule, rob.trim)
+        return DenseUpdate(round, rows[0].astype(np.float32))
 
     def commit(self, update: DenseUpdate) -> None:
         self.expect_next(update)
@@ -210,13 +208,15 @@ class DenseAlgorithm(Algorithm):
         self.sync(model, task)
         tensors = [p for _, p in model.trainable]
         start = flatten(tensors)  # not task.weights: in bf16 the synced copy is rounded
+        fingerprint = self.fingerprint(model, task)
         model.position = DIRTY
         run = self.local_steps(model, batches, task)
         delta = flatten(tensors) - start
         if not np.isfinite(delta).all():
             raise FloatingPointError(f"{self.name}: local training diverged (non-finite weights); lower `algorithm.lr`")
         loss = float(np.mean(run.losses)) if run.losses else 0.0
-        return DenseReply(task.round, task.client, batches.num_examples, run.steps, run.skipped, loss, delta)
+        return DenseReply(task.round, task.client, batches.num_examples, run.steps, run.skipped, loss, delta,
+                          fingerprint)
 
     @abstractmethod
     def local_steps(self, model: LocalModel, batches: Batches, task: DenseTask) -> LocalRun:

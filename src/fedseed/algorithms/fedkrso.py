@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, require
+from fedseed.algorithms.robust import Contribution, capped_weights, clip_norms, clip_values, combine
 from fedseed.directions import derive_seed, random_matrix
 from fedseed.models import DIRTY, LocalModel
-from fedseed.wire import F32, F32Array, U32, UIntArray, message
+from fedseed.wire import F32, F32Array, U32, U64, UIntArray, message
 
 POOL_TAG = 0xC750
 STEP_TAG = 0xC751
@@ -112,6 +113,7 @@ class SubspaceReply:
     loss: F32  # mean training loss over the kept steps
     seed_ids: UIntArray  # (u,) pool indices used, ascending
     values: F32Array  # (u * S,) per seed: B_k of every matrix, (m, r) row-major, in layout order
+    fingerprint: U64 = 0  # Algorithm.fingerprint of the copy synced for the task (0: check off)
 
     def validate(self) -> None:
         if self.skipped > self.steps:
@@ -311,19 +313,16 @@ class FedKRSO(Algorithm):
         require(bool(np.isfinite(reply.values).all()), "`values` holds non-finite values")
 
     def aggregate(self, round: int, replies: Sequence[SubspaceReply]) -> SubspaceUpdate:
+        """Per seed, the accumulators of the clients that used it, through the robust pipeline."""
         if not replies:
             raise InvalidReply(f"round {round}: no replies to aggregate")
-        chunk = self._bound_chunk()
-        total = float(sum(r.num_examples for r in replies))
-        mean: dict[int, np.ndarray] = {}
-        for r in sorted(replies, key=lambda r: r.client):  # arrival order must not change the bits
-            per_seed = r.values.astype(np.float64).reshape(r.seed_ids.size, chunk)
-            for k, b in zip(r.seed_ids.tolist(), per_seed):
-                mean.setdefault(k, np.zeros(chunk))
-                mean[k] += (r.num_examples / total) * b
-        ids = sorted(mean)
-        values = np.concatenate([mean[k] for k in ids]).astype(np.float32)  # (U * S,)
-        return SubspaceUpdate(round, np.array(ids, dtype=np.int64), values)
+        chunk, rob = self._bound_chunk(), self.robust
+        ordered = sorted(replies, key=lambda r: r.client)  # arrival order must not change the bits
+        weights = capped_weights([r.num_examples for r in ordered], rob.max_weight)
+        values = clip_values([r.values for r in ordered], rob.value_clip)
+        contributions = [Contribution(r.seed_ids, v.reshape(r.seed_ids.size, chunk)) for r, v in zip(ordered, values)]
+        ids, rows = combine(clip_norms(contributions, rob.norm_clip), weights, rob.rule, rob.trim)
+        return SubspaceUpdate(round, ids, rows.reshape(-1).astype(np.float32))  # (U * S,)
 
     def commit(self, update: SubspaceUpdate) -> None:
         self.expect_next(update)
@@ -373,6 +372,7 @@ class FedKRSO(Algorithm):
     def train(self, model: LocalModel, batches: Batches, task: SubspaceTask) -> SubspaceReply:
         cfg = self.config
         self.sync(model, task)
+        fingerprint = self.fingerprint(model, task)
         mats = matrices(model)
         rng = np.random.default_rng([self.seed, task.round, task.client, STEP_TAG])
         used: dict[int, list[torch.Tensor]] = {}  # seed index -> summed B_k, (m, r) per matrix
@@ -395,4 +395,4 @@ class FedKRSO(Algorithm):
             raise FloatingPointError("fedkrso: the accumulators overflow; lower `algorithm.lr`")
         loss = float(np.mean(losses)) if losses else 0.0
         return SubspaceReply(task.round, task.client, batches.num_examples, cfg.local_steps, skipped, loss,
-                             np.array(ids, dtype=np.int64), values.astype(np.float32))
+                             np.array(ids, dtype=np.int64), values.astype(np.float32), fingerprint)

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, require
+from fedseed.algorithms.robust import Contribution, capped_weights, clip_norms, clip_values, combine
 from fedseed.directions import DISTRIBUTIONS, derive_seed
 from fedseed.models import DIRTY, LocalModel
-from fedseed.wire import F32, F32Array, F64Array, U8, U32, UIntArray, message
+from fedseed.wire import F32, F32Array, F64Array, U8, U32, U64, UIntArray, message
 
 POOL_TAG = 0x5EED
 STEP_TAG = 0x57E9
@@ -72,7 +73,8 @@ class SeedTask:
             raise ValueError(f"{self.seed_ids.size} seed_ids but {self.coeffs.size} coeffs")
         if self.seed_ids.size > 1 and not (np.diff(self.seed_ids) > 0).all():
             raise ValueError("seed_ids must be strictly increasing")
-        if self.probabilities.size and ((self.probabilities < 0).any() or abs(self.probabilities.sum() - 1) > 1e-3):
+        probs = self.probabilities.astype(np.float64)  # a float32 sum of hostile values could overflow
+        if probs.size and ((probs < 0).any() or abs(probs.sum() - 1) > 1e-3):
             raise ValueError("probabilities must be non-negative and sum to 1")
 
 
@@ -90,6 +92,7 @@ class SeedReply:
     dense: U8  # 0: values[i] is the g of seed_ids[i]; 1: values[k] is the sum of g on seed k
     seed_ids: UIntArray
     values: F32Array
+    fingerprint: U64 = 0  # Algorithm.fingerprint of the copy synced for the task (0: check off)
 
     def validate(self) -> None:
         if self.dense not in (0, 1):
@@ -171,22 +174,28 @@ class FedKSeed(Algorithm):
             require(bad.size == 0, f"`seed_ids` holds {bad[:3].tolist()}, outside the pool of {k} seeds")
 
     def aggregate(self, round: int, replies: Sequence[SeedReply]) -> SeedUpdate:
+        """Per-seed sums of g, through the robust pipeline (``fedseed.algorithms.robust``), times ``-lr``."""
         if not replies:
             raise InvalidReply(f"round {round}: no replies to aggregate")
-        k, cfg = self.config.num_seeds, self.config
-        total_n = float(sum(r.num_examples for r in replies))
-        coeffs = np.zeros(k, dtype=np.float64)
+        k, cfg, rob = self.config.num_seeds, self.config, self.robust
+        ordered = sorted(replies, key=lambda r: r.client)  # arrival order must not matter
+        weights = capped_weights([r.num_examples for r in ordered], rob.max_weight)
         abs_g = np.zeros(k, dtype=np.float64)
         counts = np.zeros(k, dtype=np.int64)
-        for r in sorted(replies, key=lambda r: r.client):  # arrival order must not matter
-            g = r.values.astype(np.float64)
+        contributions = []
+        for r, g in zip(ordered, clip_values([r.values for r in ordered], rob.value_clip)):
             if r.dense:
-                per_seed = g
+                ids = np.flatnonzero(g)
+                sums = g[ids]
             else:
-                per_seed = np.bincount(r.seed_ids, weights=g, minlength=k)
+                ids, inverse = np.unique(r.seed_ids, return_inverse=True)
+                sums = np.bincount(inverse, weights=g, minlength=ids.size)
                 np.add.at(abs_g, r.seed_ids, np.abs(np.clip(g, -cfg.clip, cfg.clip)))
                 np.add.at(counts, r.seed_ids, 1)
-            coeffs += (-cfg.lr * r.num_examples / total_n) * per_seed
+            contributions.append(Contribution(ids, sums[:, None]))
+        seeds, rows = combine(clip_norms(contributions, rob.norm_clip), weights, rob.rule, rob.trim)
+        coeffs = np.zeros(k, dtype=np.float64)
+        coeffs[seeds] = -cfg.lr * rows[:, 0]
         ids = np.flatnonzero((coeffs != 0) | (counts > 0))
         return SeedUpdate(round, ids, coeffs[ids], abs_g[ids], counts[ids])
 
@@ -215,6 +224,7 @@ class FedKSeed(Algorithm):
         probs = task.probabilities.astype(np.float64) if task.probabilities.size else None
         if probs is not None:
             probs /= probs.sum()
+        fingerprint = self.fingerprint(model, task)
         model.position = DIRTY
         ids, gs, losses = [], [], []
         skipped = 0
@@ -235,10 +245,10 @@ class FedKSeed(Algorithm):
             ids.append(k)
             gs.append(g)
             losses.append((plus + minus) / 2)
-        return self._reply(task, ids, gs, losses, skipped, batches.num_examples)
+        return self._reply(task, ids, gs, losses, skipped, batches.num_examples, fingerprint)
 
     def _reply(self, task: SeedTask, ids: list[int], gs: list[float], losses: list[float], skipped: int,
-               num_examples: int) -> SeedReply:
+               num_examples: int, fingerprint: int) -> SeedReply:
         """Pairs, or K per-seed sums when that is fewer bytes (never for Pro, which needs pairs)."""
         k = self.config.num_seeds
         steps = len(ids) + skipped
@@ -251,7 +261,7 @@ class FedKSeed(Algorithm):
             if 4 * k < uniq.size * (width + 4):
                 dense = np.bincount(seed_ids, weights=values, minlength=k)
                 return SeedReply(task.round, task.client, num_examples, steps, skipped, loss, 1,
-                                 np.zeros(0, np.int64), dense.astype(np.float32))
+                                 np.zeros(0, np.int64), dense.astype(np.float32), fingerprint)
             seed_ids, values = uniq, sums
         return SeedReply(task.round, task.client, num_examples, steps, skipped, loss, 0,
-                         seed_ids, values.astype(np.float32))
+                         seed_ids, values.astype(np.float32), fingerprint)

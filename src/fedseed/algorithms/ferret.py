@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, require
+from fedseed.algorithms.robust import Contribution, capped_weights, clip_norms, clip_values
 from fedseed.directions import DISTRIBUTIONS, DirectionSpace, derive_seed
 from fedseed.models import DIRTY, LocalModel
 from fedseed.wire import F32, F32Array, F64Array, U32, U64, UIntArray, message
@@ -84,8 +85,9 @@ def _check_coordinates(bases: np.ndarray, coords: np.ndarray, contributions: int
         raise ValueError(f"{bases.size} bases entries do not split over {contributions} contributions")
     if (bases < 2).any():
         raise ValueError("every block needs at least 2 bases")
-    if int(bases.sum()) != coords.size:
-        raise ValueError(f"bases sum to {int(bases.sum())} but {coords.size} coords are given")
+    total = sum(bases.tolist())  # exact: a hostile int64 sum could wrap around to look right
+    if total != coords.size:
+        raise ValueError(f"bases sum to {total} but {coords.size} coords are given")
 
 
 @message(20)
@@ -109,7 +111,7 @@ class FerretTask:
     def validate(self) -> None:
         if self.since + self.counts.size != self.round - 1:
             raise ValueError(f"{self.counts.size} rounds carried from {self.since} do not reach round {self.round - 1}")
-        if int(self.counts.sum()) != self.seeds.size or self.seeds.size != self.weights.size:
+        if sum(self.counts.tolist()) != self.seeds.size or self.seeds.size != self.weights.size:
             raise ValueError("counts, seeds and weights disagree on the number of contributions")
         _check_coordinates(self.bases, self.coords, self.seeds.size)
 
@@ -128,6 +130,7 @@ class FerretReply:
     seed: U64  # the fresh seed of this client and round (< 2^63)
     bases: UIntArray  # (L,) K_l per block, summing to num_bases
     coords: F32Array  # (num_bases,) gamma_l of every block, in block order
+    fingerprint: U64 = 0  # Algorithm.fingerprint of the copy synced for the task (0: check off)
 
     def validate(self) -> None:
         if self.skipped > self.steps:
@@ -233,6 +236,7 @@ class Ferret(Algorithm):
     """Ferret: first-order local updates sent as coordinates on per-block random bases."""
 
     name = "ferret"
+    rules = ("mean",)  # each client's coordinates live in bases of its own: no per-coordinate median
     Task, Reply, Update = FerretTask, FerretReply, FerretUpdate
 
     def __init__(self, config: FerretConfig, seed: int):
@@ -291,22 +295,26 @@ class Ferret(Algorithm):
         require(reply.seed == expected, f"`seed` is {reply.seed}, this client's seed for the round is {expected}")
         require(reply.bases.size == num_blocks, f"`bases` has {reply.bases.size} blocks, the model has {num_blocks}")
         require(bool((reply.bases >= 2).all()), "`bases` gives some block fewer than 2 bases")
-        total = int(reply.bases.sum())
+        total = sum(reply.bases.tolist())  # exact, as in validate
         require(total == cfg.num_bases, f"`bases` sum to {total}, not num_bases {cfg.num_bases}")
         require(reply.coords.size == total, f"`coords` has {reply.coords.size} values, the bases need {total}")
         require(bool(np.isfinite(reply.coords).all()), "`coords` holds non-finite values")
 
     def aggregate(self, round: int, replies: Sequence[FerretReply]) -> FerretUpdate:
+        """Every client's coordinates, clipped, with its (capped) weight: each client has bases of its own."""
         if not replies:
             raise InvalidReply(f"round {round}: no replies to aggregate")
+        rob = self.robust
         ordered = sorted(replies, key=lambda r: r.client)  # arrival order must not change the bits
-        total = float(sum(r.num_examples for r in ordered))
+        weights = capped_weights([r.num_examples for r in ordered], rob.max_weight)
+        whole = np.zeros(1, dtype=np.int64)  # one row per client: its coordinates are not comparable to others'
+        coords = [Contribution(whole, c[None, :]) for c in clip_values([r.coords for r in ordered], rob.value_clip)]
         return FerretUpdate(
             round,
             np.array([r.seed for r in ordered], dtype=np.int64),
-            np.array([self.config.server_lr * r.num_examples / total for r in ordered]),
+            self.config.server_lr * weights,
             np.concatenate([r.bases for r in ordered]),
-            np.concatenate([r.coords for r in ordered]),
+            np.concatenate([c.rows[0] for c in clip_norms(coords, rob.norm_clip)]).astype(np.float32),
         )
 
     def commit(self, update: FerretUpdate) -> None:
@@ -344,6 +352,7 @@ class Ferret(Algorithm):
     def train(self, model: LocalModel, batches: Batches, task: FerretTask) -> FerretReply:
         cfg = self.config
         self.sync(model, task)
+        fingerprint = self.fingerprint(model, task)
         blocks = self._blocks(model)
         start = [p.detach().clone() for _, p in model.trainable]  # exact copy: restored bit for bit below
         model.position = DIRTY
@@ -362,7 +371,8 @@ class Ferret(Algorithm):
         if not np.isfinite(flat).all():
             raise FloatingPointError("ferret: the update's coordinates overflow float32; lower `algorithm.lr`")
         loss = float(np.mean(losses)) if losses else 0.0
-        return FerretReply(task.round, task.client, batches.num_examples, steps, skipped, loss, seed, bases, flat)
+        return FerretReply(task.round, task.client, batches.num_examples, steps, skipped, loss, seed, bases, flat,
+                           fingerprint)
 
 
 # -- client helpers ------------------------------------------------------------------

@@ -127,7 +127,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         raise RecordError(f"this node is client {node.client} (node-config partition-id), "
                           f"the instruction is for client {order.client}")
     cfg, _ = from_run_config(context.run_config, node.overrides)
-    algo = build_algorithm(cfg.algorithm, cfg.run.seed)
+    algo = build_algorithm(cfg.algorithm, cfg.run.seed, cfg.robust)
     task = wire.decode(order.frame, algo.Task)  # every field validated before anything touches a model
     if (task.round, task.client) != (order.round, order.client):
         raise RecordError(f"the task is for round {task.round} client {task.client}, its record says round "

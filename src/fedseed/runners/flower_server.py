@@ -17,7 +17,10 @@ its client through Flower's Grid, and replies come back when they come.
   the task once.
 * A reply is accepted once per (round, client), only for the current round and
   only answering the task sent; anything else is rejected by name.
-* The ledger is appended and flushed after every round: a new run of the same
+* Every reply carries the fingerprint of the copy it trained from; a node whose
+  copy drifted is told to rebuild from its base and the ledger (``since = 0``) and
+  is resent the task once.
+* The ledger is committed atomically after every round: a new run of the same
   experiment resumes from it (``flower.resume``).
 """
 
@@ -50,7 +53,7 @@ from fedseed.runners.flower_records import (
     roll_call_message,
     run_id,
 )
-from fedseed.runners.simulation import Events, RoundResult, accept, begin, close_round, finish_round
+from fedseed.runners.simulation import Events, Expected, RoundResult, accept, begin, close_round, expected, finish_round
 
 POLL = 0.5  # seconds between pulls for replies
 ROLL_CALL_EVERY = 3.0  # seconds between looks for nodes not yet known
@@ -163,9 +166,10 @@ class FlowerRound:
     """One round over the Grid: send, collect until the deadline, check, aggregate. Changes no server state."""
 
     def __init__(self, grid: Grid, exp: Experiment, server: Algorithm, roster: Roster, base: str,
-                 settings: FlowerSettings, round: int):
+                 settings: FlowerSettings, round: int, expect: Expected):
         fed = exp.config.federation
         self.grid, self.server, self.roster, self.base, self.settings = grid, server, roster, base, settings
+        self.expect = expect
         self.result = RoundResult(round, sample_clients(exp.config.run.seed, round, fed.num_clients, fed.clients_per_round))
         self.sent: dict[str, Sent] = {}  # instruction message id -> what was sent this round
         self.open: set[str] = set()  # ids of those not answered yet
@@ -258,7 +262,7 @@ class FlowerRound:
             if answer.client != c:
                 raise RecordError(f"the answer is for client {answer.client}, the task went to client {c}")
         except RecordError as e:
-            self.result.rejected[c] = str(e)
+            self.result.reject(c, str(e))
             self.give_up(c)
             return
         if c in self.replies:
@@ -274,8 +278,16 @@ class FlowerRound:
                 self.send(c)
             return
         self.flower_up[c] = self.flower_up.get(c, 0) + flower_bytes(msg)
-        reply = accept(self.server, sent.task, c, answer.frame, self.result)
-        if reply is None:
+        reply = accept(self.server, sent.task, c, answer.frame, self.result, self.expect)
+        if reply is None and c in self.result.drifted:  # its cached copy drifted: rebuild from base + ledger
+            if c in self.resent:
+                self.result.reject(c, f"still drifted after a resync from the ledger: {self.result.drifted[c]}")
+                self.give_up(c)
+            else:
+                self.resent.add(c)
+                sent.node.position = 0
+                self.send(c)
+        elif reply is None:
             self.give_up(c)
         else:
             self.replies[c] = reply
@@ -283,7 +295,7 @@ class FlowerRound:
             events.client_done(self.round, c)
 
     def reject_duplicate(self, c: int) -> None:
-        self.result.rejected[c] = f"duplicate reply for round {self.round} client {c} (the first one is kept)"
+        self.result.reject(c, f"duplicate reply for round {self.round} client {c} (the first one is kept)")
 
     def close(self) -> tuple[Any, RoundResult, dict[str, Any]]:
         dropped = {c: self.result.rejected.get(c, self.why[c]) for c in self.result.clients if c not in self.replies}
@@ -359,7 +371,8 @@ def serve(grid: Grid, run_config: Mapping[str, Any], events: Events | None = Non
         roster.wait_for_all(grid, settings.startup_timeout)
     for round in range(ledger.rounds + 1, cfg.federation.rounds + 1):
         started = time.perf_counter()
-        update, result, extra = FlowerRound(grid, exp, server, roster, exp.base_hash, settings, round).run(events)
+        expect = expected(exp, server, evaluator)
+        update, result, extra = FlowerRound(grid, exp, server, roster, exp.base_hash, settings, round, expect).run(events)
         finish_round(exp, folder, ledger, server, evaluator, update, result, started, events, extra)
     print(write_report(folder, _report(exp, folder, ledger)), flush=True)
     return ledger

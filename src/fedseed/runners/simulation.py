@@ -8,6 +8,8 @@ a message. The round loop is written once; it knows nothing of the algorithm.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,8 +18,12 @@ from fedseed import eval as evaluation
 from fedseed import wire
 from fedseed.algorithms import EVALUATOR, Algorithm, InvalidReply
 from fedseed.experiment import Experiment, sample_clients
+from fedseed.faults import drift_, hostile_frames, is_adversary
 from fedseed.ledger import FORMAT, Ledger, LedgerError, LedgerHeader, canonical_json
+from fedseed.models import DIRTY
 from fedseed.runfolder import RunFolder
+
+log = logging.getLogger("fedseed")
 
 
 class Events:
@@ -40,7 +46,13 @@ class RoundResult:
     downlink: dict[int, int] = field(default_factory=dict)  # encoded task bytes per client
     train_loss: float = 0.0
     skipped_steps: int = 0
+    accepted: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
+    drifted: dict[int, str] = field(default_factory=dict)  # fingerprint mismatches: resynced from the ledger
+
+    def reject(self, client: int, why: str) -> None:
+        self.rejected[client] = why
+        log.warning("round %d: rejected the reply of client %d: %s", self.round, client, why)
 
     def row(self) -> dict[str, Any]:
         return {
@@ -52,14 +64,33 @@ class RoundResult:
             "downlink_total": sum(self.downlink.values()),
             "train_loss": self.train_loss,
             "skipped_steps": self.skipped_steps,
+            "accepted": sorted(set(self.accepted)),
             "rejected": {str(c): why for c, why in self.rejected.items()},
+            "drifted": {str(c): why for c, why in self.drifted.items()},
         }
 
 
+@dataclass(frozen=True)
+class Expected:
+    """What the server knows an honest reply of this round must say, beyond the algorithm's own checks."""
+
+    fingerprint: int  # of the global model the round's tasks are made from; 0: not checked
+    examples: list[int]  # training examples of each client: its aggregation weight
+
+
+def expected(exp: Experiment, server: Algorithm, evaluator: Algorithm) -> Expected:
+    """Sync the runner's own copy to the latest global model and fingerprint it, the way every client will."""
+    sync_to_latest(exp, server, evaluator)
+    fingerprint = exp.model.fingerprint(exp.config.run.seed, server.committed, exp.config.robust.fingerprint_samples)
+    return Expected(fingerprint, [len(examples) for examples in exp.data.clients])
+
+
 def ledger_header(exp: Experiment, algo: Algorithm) -> LedgerHeader:
+    """The header names everything that shapes the updates, resolved (defaults written out), so resume can compare."""
     cfg = exp.config
-    params = {k: v for k, v in cfg.algorithm.items() if k != "name"}
-    return LedgerHeader(FORMAT, algo.name, canonical_json(params), cfg.run.seed, cfg.model.name_or_path, exp.base_hash)
+    shaping = {"algorithm": dataclasses.asdict(algo.config), "robust": dataclasses.asdict(cfg.robust),
+               "faults": dataclasses.asdict(cfg.faults)}
+    return LedgerHeader(FORMAT, algo.name, canonical_json(shaping), cfg.run.seed, cfg.model.name_or_path, exp.base_hash)
 
 
 def open_ledger(folder: RunFolder, exp: Experiment, server: Algorithm, resume: bool) -> Ledger:
@@ -78,15 +109,31 @@ def open_ledger(folder: RunFolder, exp: Experiment, server: Algorithm, resume: b
     return ledger
 
 
-def accept(server: Algorithm, task: Any, c: int, up: bytes, result: RoundResult) -> Any | None:
-    """Decode and check client ``c``'s encoded reply; a rejected one is recorded with its reason, and None returned."""
-    result.uplink[c] = len(up)
+def accept(server: Algorithm, task: Any, c: int, up: bytes, result: RoundResult, expect: Expected) -> Any | None:
+    """Decode and check client ``c``'s encoded reply; a rejected one is recorded with its reason, and None returned.
+
+    A reply whose fingerprint is not the global model's goes to ``result.drifted``
+    instead: its client's copy drifted, and the caller resyncs it from the ledger.
+    """
+    result.uplink[c] = result.uplink.get(c, 0) + len(up)
     try:
+        if c in result.accepted:
+            raise InvalidReply(f"duplicate reply of client {c} for round {result.round} (the first one is kept)")
         reply = wire.decode(up, server.Reply)
         server.check(reply, task)
+        if reply.num_examples != expect.examples[c]:
+            raise InvalidReply(f"`num_examples` is {reply.num_examples}, but client {c} holds "
+                               f"{expect.examples[c]} training examples")
     except (wire.WireError, InvalidReply) as e:
-        result.rejected[c] = str(e)
+        result.reject(c, str(e))
         return None
+    if expect.fingerprint and reply.fingerprint != expect.fingerprint:
+        result.drifted[c] = (f"model fingerprint {reply.fingerprint:016x}, the global model's at position "
+                             f"{server.committed} is {expect.fingerprint:016x}")
+        log.warning("round %d: client %d's copy drifted (%s); resyncing it from the ledger",
+                    result.round, c, result.drifted[c])
+        return None
+    result.accepted.append(c)
     result.skipped_steps += reply.skipped
     return reply
 
@@ -104,17 +151,45 @@ def run_round(exp: Experiment, server: Algorithm, client: Algorithm, round: int,
     fed = exp.config.federation
     result = RoundResult(round, sample_clients(exp.config.run.seed, round, fed.num_clients, fed.clients_per_round))
     events.round_start(round, result.clients)
+    expect = expected(exp, server, client)
     replies = []
     for c in result.clients:
-        task = server.task(round, c, exp.model.position)
-        down = wire.encode(task)
-        result.downlink[c] = len(down)
-        up = wire.encode(client.train(exp.model, exp.batches(round, c), wire.decode(down, client.Task)))
-        reply = accept(server, task, c, up, result)
+        reply = serve(exp, server, client, round, c, expect, result)
         if reply is not None:
             replies.append(reply)
             events.client_done(round, c)
     return close_round(server, round, replies, result), result
+
+
+def serve(exp: Experiment, server: Algorithm, client: Algorithm, round: int, c: int, expect: Expected,
+          result: RoundResult) -> Any | None:
+    """Client ``c``'s exchange; a copy caught drifting is rebuilt from the base and the ledger and asked once more."""
+    faults = exp.config.faults
+    attack = faults.attack if is_adversary(faults, c) else None
+    if attack == "drift":
+        drift_(exp.model)
+    reply = exchange(exp, server, client, round, c, exp.model.position, expect, result, attack)
+    if c in result.drifted:
+        exp.model.position = DIRTY  # not the global model any more: the next sync starts from w0
+        reply = exchange(exp, server, client, round, c, 0, expect, result, None)
+        if c not in result.accepted:
+            result.reject(c, f"still drifted after a resync from the ledger: {result.drifted[c]}")
+    return reply
+
+
+def exchange(exp: Experiment, server: Algorithm, client: Algorithm, round: int, c: int, since: int,
+             expect: Expected, result: RoundResult, attack: str | None) -> Any | None:
+    """One task out, local training, the reply (or an adversary's frames) back through :func:`accept`."""
+    task = server.task(round, c, since)
+    down = wire.encode(task)
+    result.downlink[c] = result.downlink.get(c, 0) + len(down)
+    reply = client.train(exp.model, exp.batches(round, c), wire.decode(down, client.Task))
+    if attack in (None, "drift"):
+        frames = [wire.encode(reply)]
+    else:
+        frames = hostile_frames(exp.config.faults, reply, getattr(server.config, "num_seeds", 0), exp.config.run.seed)
+    accepted = [accept(server, task, c, up, result, expect) for up in frames]
+    return next((r for r in accepted if r is not None), None)
 
 
 def sync_to_latest(exp: Experiment, server: Algorithm, client: Algorithm) -> None:
@@ -156,11 +231,13 @@ def begin(exp: Experiment, folder: RunFolder, server: Algorithm, client: Algorit
 
 def finish_round(exp: Experiment, folder: RunFolder, ledger: Ledger, server: Algorithm, client: Algorithm, update: Any,
                  result: RoundResult, started: float, events: Events, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Append the update to the ledger, commit it, evaluate when due, write the metrics row; returns the row.
+    """Commit the update, evaluate when due, write the metrics row, then the ledger; returns the row.
 
-    ``started`` is the round's ``time.perf_counter()`` start; ``extra`` adds a runner's own columns to the row.
+    The ledger write is the round's commit point: a run killed before it has a
+    metrics row past the ledger, which resume drops before redoing the round; a
+    run killed after it has everything. ``started`` is the round's
+    ``time.perf_counter()`` start; ``extra`` adds a runner's own columns to the row.
     """
-    ledger.append(update)
     server.commit(update)
     row = {**result.row(), **(extra or {})}
     final = update.round == exp.config.federation.rounds
@@ -169,6 +246,7 @@ def finish_round(exp: Experiment, folder: RunFolder, ledger: Ledger, server: Alg
         row.update(evaluate(exp, generation=final, events=events))
     row["seconds"] = time.perf_counter() - started
     folder.append_metrics(row)
+    ledger.append(update)
     events.round_end(row)
     return row
 

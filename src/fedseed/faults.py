@@ -1,0 +1,107 @@
+"""Fault injection: what a hostile or broken client sends, for tests and robustness studies.
+
+With ``[faults] adversaries = n`` the in-process runner makes clients ``0 .. n-1``
+misbehave whenever they are sampled. Each trains honestly first, so its lies are
+built from a real reply, then does one of:
+
+    huge              every reported value times ``faults.scale`` (kept finite in float32)
+    sign-flip         every reported value negated
+    nan               a NaN where the first reported value (or the loss) is
+    out-of-pool       names a seed outside the pool (or a coordinate beyond the model)
+    stale-round       answers for the previous round
+    wrong-client      answers as another client
+    inflate-examples  claims 2^32 - 1 training examples, to take over the weighted mean
+    truncated         sends the first half of its frame
+    random-bytes      sends as many random bytes as its frame had
+    duplicate         sends its (honest) reply twice
+    drift             its copy of the global model silently changed (a different GPU, a
+                      bit flip): the weights move but the copy still claims its position
+
+Everything but ``huge``, ``sign-flip`` and ``drift`` must be rejected by decoding and
+checking; ``huge`` and ``sign-flip`` are well-formed and are what robust aggregation
+is for; ``drift`` is caught by the model fingerprint and answered with a resync.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedseed import wire
+from fedseed.config import FaultsSection
+from fedseed.models import LocalModel
+
+FAULT_TAG = 0xFA17
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def is_adversary(faults: FaultsSection, client: int) -> bool:
+    return client < faults.adversaries
+
+
+def hostile_frames(faults: FaultsSection, reply: Any, num_seeds: int, seed: int) -> list[bytes]:
+    """The frames an adversary sends instead of its honest ``reply``."""
+    attack = faults.attack
+    frame = wire.encode(reply)
+    rng = np.random.default_rng([seed, reply.round, reply.client, FAULT_TAG])
+    if attack == "truncated":
+        return [frame[: len(frame) // 2]]
+    if attack == "random-bytes":
+        return [rng.bytes(len(frame))]
+    if attack == "duplicate":
+        return [frame, frame]
+    if attack == "nan":
+        return [_with_nan(reply, frame)]
+    return [wire.encode(_lie(attack, reply, faults.scale, num_seeds))]
+
+
+def _payload(reply: Any) -> list[str]:
+    """The float-array fields of a reply: what it reports."""
+    return [name for name, kind in wire.fields(type(reply)) if kind == "f32[]"]
+
+
+def _lie(attack: str, reply: Any, scale: float, num_seeds: int) -> Any:
+    change: dict[str, Any] = {}
+    if attack in ("huge", "sign-flip"):
+        factor = scale if attack == "huge" else -1.0
+        change = {n: np.clip(getattr(reply, n).astype(np.float64) * factor, -F32_MAX, F32_MAX) for n in _payload(reply)}
+    elif attack == "out-of-pool":
+        change = _out_of_pool(reply, num_seeds)
+    elif attack == "stale-round":
+        change = {"round": reply.round - 1}
+    elif attack == "wrong-client":
+        change = {"client": reply.client + 1}
+    elif attack == "inflate-examples":
+        change = {"num_examples": 2**32 - 1}
+    else:
+        raise ValueError(f"`faults.attack` {attack!r} does not change a reply")
+    return dataclasses.replace(reply, **change)
+
+
+def _out_of_pool(reply: Any, num_seeds: int) -> dict[str, Any]:
+    ids = getattr(reply, "seed_ids", None)
+    if ids is not None and ids.size:  # the last id moved past the pool, keeping the ids ascending
+        return {"seed_ids": np.concatenate([ids[:-1], [max(num_seeds, int(ids[-1])) + 7]])}
+    if hasattr(reply, "seed"):  # Ferret: a seed that is not this client's
+        return {"seed": reply.seed + 1}
+    [name, *_] = _payload(reply)  # one value more than the model (or pool) has
+    return {name: np.append(getattr(reply, name), np.float32(0.5))}
+
+
+def _with_nan(reply: Any, frame: bytes) -> bytes:
+    """``frame`` with a NaN written over the first reported value (or the loss): the encoder refuses to write one."""
+    spans = wire.layout(reply)
+    filled = [n for n in _payload(reply) if getattr(reply, n).size]
+    at = spans[filled[0]][0] + 4 if filled else spans["loss"][0]  # past the array's u32 count
+    return frame[:at] + struct.pack("<f", float("nan")) + frame[at + 4 :]
+
+
+@torch.no_grad()
+def drift_(model: LocalModel) -> None:
+    """Scale every trainable weight by ``1 + 2^-10``, keeping ``model.position``: a copy that is no longer what it claims."""
+    for _, p in model.trainable:
+        p.mul_(1 + 2**-10)
