@@ -14,7 +14,7 @@ client had not answered (tests/test_faults.py proves it); this table is about th
 well-formed lies robust aggregation exists for: ``huge`` (every scalar times 1e30)
 and ``sign-flip``.
 
-    python benchmarks/robustness.py                 # about 20 min on 2 CPU cores
+    python benchmarks/robustness.py                 # about 25 min on 2 busy CPU cores
     python benchmarks/robustness.py --rounds 2 --steps 10 --attacks huge   # a quick look
 
 Prints a table and writes ``benchmarks/results/robustness-cpu.json``.
@@ -82,8 +82,8 @@ def fmt(x: float | None) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=40, help="local steps (tau)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=30, help="local steps (tau)")
     ap.add_argument("--num-seeds", type=int, default=1024, help="K")
     ap.add_argument("--attacks", default="huge,sign-flip")
     ap.add_argument("--adversaries", default="1,2,3")

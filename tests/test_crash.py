@@ -41,6 +41,12 @@ FEDSEED = REPO / ".venv" / "bin" / "fedseed"
 QUICK_EVAL = {"every": 1000, "loss_examples": 8, "generate_examples": 2, "max_new_tokens": 4}
 
 
+def crash_config(out: Path, rounds: int, local_steps: int, before: bool) -> dict[str, Any]:
+    """A FedKSeed run of well under a second per round, evaluated at the end (and before, with ``before``)."""
+    algorithm = {"name": "fedkseed", "num_seeds": 64, "local_steps": local_steps, "lr": 1e-4, "eps": 1e-3}
+    return small_config(out, algorithm, federation={"rounds": rounds}, eval={**QUICK_EVAL, "before": before})
+
+
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     import torch
@@ -65,7 +71,7 @@ def assert_prefix(folder: RunFolder, clean: bytes, clean_ledger: Ledger) -> int:
     ledger = Ledger.open(folder.ledger_path)  # no repair: a torn ledger raises here
     data = folder.ledger_path.read_bytes()
     assert ledger.header == clean_ledger.header
-    assert ledger.updates == clean_ledger.updates[: ledger.rounds], f"round frames differ from the clean run's"
+    assert ledger.updates == clean_ledger.updates[: ledger.rounds], "round frames differ from the clean run's"
     assert clean.startswith(data), f"{len(data)} ledger bytes are not a prefix of the clean run's {len(clean)}"
     return ledger.rounds
 
@@ -134,10 +140,10 @@ def cli(tmp_path) -> Iterator[Cli]:
 
 
 def test_in_process_server_killed_at_random_points_resumes_to_the_clean_ledger(cli, tmp_path):
+    """The in-process runner as a real ``fedseed run`` process: SIGKILLed three times at seeded random instants."""
     rounds, kills_wanted = 5, 3
     out = tmp_path / "run"
-    cfg = small_config(out, {"name": "fedkseed", "num_seeds": 64, "local_steps": 20, "lr": 1e-4, "eps": 1e-3},
-                       federation={"rounds": rounds}, eval={**QUICK_EVAL, "before": False})
+    cfg = crash_config(out, rounds, local_steps=20, before=False)
     clean, clean_ledger, clean_rows = reference(cfg, tmp_path / "clean")
     round_seconds = [r["seconds"] for r in clean_rows]  # where a process spends its time once started
     (tmp_path / "exp.toml").write_text(to_toml(cfg))
@@ -145,26 +151,29 @@ def test_in_process_server_killed_at_random_points_resumes_to_the_clean_ledger(c
     rng = random.Random(20240611)
     kills: list[tuple[float, int]] = []  # (seconds after start-up, ledger rounds at the kill)
     args = [str(tmp_path / "exp.toml"), "--overwrite"]
-    for _ in range(kills_wanted):
+    for k in range(kills_wanted):
         at_launch = Ledger.open(folder.ledger_path).rounds if folder.ledger_path.is_file() else 0
         before = file_stamp(folder.metrics_path)
         proc = cli.start(*args)
         # start-up (imports, model and data: 5-10 s here, more under load) ends when the runner, having opened
         # or replayed the ledger, writes metrics.jsonl afresh (trim_metrics): count the delay from there
         cli.wait_until(proc, lambda: file_stamp(folder.metrics_path) != before)
-        delay = rng.uniform(0.0, sum(round_seconds[at_launch:]))
+        delay = rng.uniform(0.0, sum(round_seconds[at_launch:]) / (kills_wanted - k))  # spread over the run
         try:
             proc.wait(timeout=delay)
             break  # it finished first: that was the last attempt
         except subprocess.TimeoutExpired:
             cli.kill(proc)
+        if proc.returncode == 0:
+            break  # it finished between the timeout and the signal
         kills.append((delay, assert_prefix(folder, clean, clean_ledger)))
         args = ["--resume", str(out)]
     else:
         proc = cli.start(*args)
         proc.wait(timeout=300)
     assert proc.returncode == 0, cli.log.read_text()
-    print(f"kills (delay after start-up s, ledger rounds): {[(round(d, 2), n) for d, n in kills]}")
+    print(f"clean round seconds {[round(s, 2) for s in round_seconds]}; kills (delay after start-up s, ledger "
+          f"rounds): {[(round(d, 2), n) for d, n in kills]}")
     assert len({n for _, n in kills if n < rounds}) >= 2, f"kills did not land in different rounds: {kills}"
     assert folder.ledger_path.read_bytes() == clean
     rows = folder.metrics()
@@ -261,8 +270,7 @@ CRASHES = [
 
 def test_crash_between_any_two_writes_of_a_round(monkeypatch, tmp_path):
     rounds = 4
-    cfg = small_config(tmp_path / "run", {"name": "fedkseed", "num_seeds": 64, "local_steps": 3, "lr": 1e-4,
-                                          "eps": 1e-3}, federation={"rounds": rounds}, eval={**QUICK_EVAL, "before": True})
+    cfg = crash_config(tmp_path / "run", rounds, local_steps=3, before=True)
     clean, clean_ledger, clean_rows = reference(cfg, tmp_path / "clean")
     folder = RunFolder(tmp_path / "run")
     crasher = Crasher(monkeypatch, folder)
@@ -278,16 +286,17 @@ def test_crash_between_any_two_writes_of_a_round(monkeypatch, tmp_path):
         crasher.arm(None)
         run_simulation(cfg, resume=True)
     assert folder.ledger_path.read_bytes() == clean
-    twice = [h for h in history if len(h[2]) != len(set(h[2]))]
-    assert metric_rounds(folder) == list(range(rounds + 1)) and not twice, (
-        f"metrics rows recorded twice; after each crash (point, ledger rounds, metrics rounds): {history}")
+    twice = [k for k, (_, _, seen) in enumerate(history) if len(seen) != len(set(seen))]
+    assert not twice, (f"the resume after the crash {history[max(twice[0] - 1, 0)][0]} recorded a metrics row twice "
+                       f"(rows {history[twice[0]][2]}); after each crash (point, ledger rounds, metrics rounds): "
+                       f"{history}")
+    assert metric_rounds(folder) == list(range(rounds + 1))
     assert [r["train_loss"] for r in folder.metrics()[1:]] == [r["train_loss"] for r in clean_rows[1:]]
 
 
 def test_run_killed_before_its_ledger_exists_resumes_from_round_zero(monkeypatch, tmp_path):
     """Killed after the run folder is made but before the ledger's first rename: nothing was committed."""
-    cfg = small_config(tmp_path / "run", {"name": "fedkseed", "num_seeds": 64, "local_steps": 3, "lr": 1e-4,
-                                          "eps": 1e-3}, federation={"rounds": 2}, eval={**QUICK_EVAL, "before": False})
+    cfg = crash_config(tmp_path / "run", 2, local_steps=3, before=False)
     clean, _, _ = reference(cfg, tmp_path / "clean")
     folder = RunFolder(tmp_path / "run")
     crasher = Crasher(monkeypatch, folder)
@@ -303,3 +312,72 @@ def test_run_killed_before_its_ledger_exists_resumes_from_round_zero(monkeypatch
             pytest.fail(f"resume of a run killed before its first ledger write: {e}")
     assert folder.ledger_path.read_bytes() == clean
     assert metric_rounds(folder) == [1, 2]
+
+
+# -- a Flower deployment whose ServerApp process is killed ---------------------------------
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    """test_flower_deployment's loopback SuperLink + SuperNodes; every process it saw is ended by PID."""
+    pytest.importorskip("flwr")
+    from test_flower_deployment import Loopback
+
+    lb = Loopback(tmp_path)
+    try:
+        yield lb
+    finally:
+        lb.end_all()
+
+
+def serverapps(deployment: Any) -> list[int]:
+    """The live ``flwr-serverapp`` processes under the SuperLink (Flower 1.41: SuperLink -> flower-superexec ->
+    one flwr-serverapp per run), found by their command line."""
+    from test_flower_deployment import children, is_flower
+
+    found = []
+    for pid in children(deployment.pid("superlink")):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if is_flower(pid) and any(Path(a.decode()).name == "flwr-serverapp" for a in args[:2]):
+            found.append(pid)  # python3 .venv/bin/flwr-serverapp --runtime-api-address ...
+    return found
+
+
+@pytest.mark.slow
+def test_flower_server_killed_mid_run_resumes_to_the_clean_ledger(deployment, tmp_path):
+    from test_flower_deployment import FEDKSEED, expected, rows, write_run_config
+
+    rounds = 3
+    deployment.script("flower-start.sh", "3")
+    out = tmp_path / "run"
+    cfg = write_run_config(tmp_path / "run.toml", out, clients=3, rounds=rounds, algorithm=FEDKSEED,
+                           round_timeout=60.0, resume=True)
+    folder = RunFolder(out)
+    first = deployment.launch("loopback", tmp_path / "run.toml")
+    deployment.wait("loopback", first, until=lambda: folder.ledger_path.is_file()
+                    and Ledger.open(folder.ledger_path).rounds >= 1, timeout=240)
+    # The ServerApp is its own process in Flower 1.41 (the SuperLink's SuperExec starts one flwr-serverapp per
+    # run): SIGKILL it alone, mid-round, the SuperLink and SuperNodes live on.
+    servers = serverapps(deployment)
+    assert len(servers) == 1, f"not one flwr-serverapp process under the SuperLink: {servers}"
+    server = servers[0]
+    deployment.kill_tree(server)
+    held = Ledger.open(folder.ledger_path)  # no repair: never torn
+    assert 1 <= held.rounds < rounds, f"the kill landed after the run ended: {held.rounds} rounds"
+    assert [r["round"] for r in rows(out)][: held.rounds] == list(range(1, held.rounds + 1))
+    second = deployment.launch("loopback", tmp_path / "run.toml")  # flower.resume = true: continue the ledger
+    deployment.wait("loopback", second, until=lambda: len(rows(out)) >= rounds and not serverapps(deployment),
+                    timeout=300)
+    status = deployment.wait("loopback", second, every=1)
+    assert status["status"] == "finished:completed", status["status-details"]
+    table = rows(out)
+    print(f"killed the ServerApp (pid {server}) at {held.rounds} ledger rounds; resumed rows "
+          f"{[(r['round'], r['accepted'], round(r['seconds'], 1)) for r in table]}")
+    assert [r["round"] for r in table] == list(range(1, rounds + 1))  # no round recorded (or applied) twice
+    assert all(r["accepted"] == [0, 1, 2] for r in table), [r["dropped"] for r in table]
+    final = Ledger.open(folder.ledger_path)
+    assert final.updates[: held.rounds] == held.updates  # what the killed server committed, kept as it was
+    assert final.updates == expected(cfg, [r["accepted"] for r in table])

@@ -273,6 +273,35 @@ def test_node_that_lost_its_cache_says_so_and_is_resent_the_task(tmp_path):
     assert ledger_frames(tmp_path / "run") == expected_frames(cfg, [[0, 1, 2]] * 3)
 
 
+def test_node_whose_cached_copy_drifted_is_resynced_from_the_ledger(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    cfg = config(tmp_path / "run", FERRET, rounds=3, per_round=3)
+    rc = run_config(cfg)
+    grid = LoopbackGrid(nodes(3, tmp_path, rc))
+    cache = tmp_path / "node2" / CACHE_FILE
+
+    def flip_a_bit(ins: Message, answer: Message) -> list[Message]:
+        if ins.content["fedseed"].get("round") == 2 and ins.metadata.dst_node_id == NODE_BASE + 2:
+            tensors = load_file(cache)
+            name = sorted(tensors)[0]
+            raw = tensors[name].view(-1).view(torch.int32)
+            raw ^= 1 << 22  # one mantissa bit of every element: a faulty memory or disk, silently
+            save_file(tensors, cache, metadata=NodeCache(cache.parent)._metadata())
+        return [answer]
+
+    grid.tamper = flip_a_bit
+    flower_run(cfg, tmp_path, grid)
+    to_node2 = [m.content["fedseed"]["since"] for m in grid.sent
+                if m.metadata.dst_node_id == NODE_BASE + 2 and m.metadata.message_type == "train"]
+    assert to_node2 == [0, 0, 1, 0]  # round 3 from its (drifted) cache of round 1, then rebuilt from the base
+    rows = [r for r in RunFolder(tmp_path / "run").metrics() if r["round"] > 0]
+    assert list(rows[2]["drifted"]) == ["2"] and "fingerprint" in rows[2]["drifted"]["2"]
+    assert rows[2]["accepted"] == [0, 1, 2] and not rows[2]["rejected"]
+    assert ledger_frames(tmp_path / "run") == expected_frames(cfg, [[0, 1, 2]] * 3)
+
+
 def test_duplicated_and_replayed_replies_are_rejected_by_name(tmp_path):
     cfg = config(tmp_path / "run", FEDKSEED, rounds=2, per_round=3)
     grid = LoopbackGrid(nodes(3, tmp_path, run_config(cfg)))

@@ -7,12 +7,29 @@ else lives in the modules these call.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from fedseed.config import ConfigError, load_config
+
+
+@contextmanager
+def _log_to(console) -> Iterator[None]:
+    """The runner's warnings (rejected replies, drifted copies, with their reasons) above the progress bars."""
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=console, show_time=False, show_path=False)
+    logger = logging.getLogger("fedseed")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def _progress():
@@ -49,6 +66,8 @@ class RichEvents:
             line += f" | skipped {row['skipped_steps']}"
         if row.get("rejected"):
             line += f" | rejected {sorted(row['rejected'])}"
+        if row.get("drifted"):
+            line += f" | resynced {sorted(row['drifted'])}"
         self.console.print(line + f" | {row['seconds']:.1f} s")
         self.progress.advance(self.rounds)
         self.progress.update(self.gen, visible=False)
@@ -87,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.resume:
         folder.create(cfg, exp.data.partition.to_json(), overwrite=args.overwrite)
     done = len([r for r in folder.metrics() if r["round"] > 0])
-    with _progress() as progress:
+    with _progress() as progress, _log_to(progress.console):
         ledger = simulate(exp, folder, resume=bool(args.resume), events=RichEvents(console, progress, cfg.federation.rounds, done))
     stats = exp.data.train_stats
     extra = {"truncation": stats.__dict__, "wall_seconds": time.perf_counter() - t0}

@@ -51,6 +51,7 @@ def build_report(folder: RunFolder, algorithm: str, numel: int, ledger_bytes: in
         },
         "skipped_steps": sum(r.get("skipped_steps", 0) for r in rounds),
         "rejected_replies": sum(len(r.get("rejected", {})) for r in rounds),
+        "resynced_copies": sum(len(r.get("drifted", {})) for r in rounds),
         "seconds": sum(r.get("seconds", 0.0) for r in rounds),
         **extra,
     }
@@ -82,7 +83,8 @@ def to_markdown(rep: dict[str, Any]) -> str:
         f"FedAvg would move {b['fedavg_over_ours']:,.0f}x more bytes. The ledger (the whole checkpoint) is "
         f"{human_bytes(b['ledger_bytes'])}.",
         "",
-        f"Steps skipped for a non-finite loss: {rep['skipped_steps']}; replies rejected: {rep['rejected_replies']}.",
+        f"Steps skipped for a non-finite loss: {rep['skipped_steps']}; replies rejected: {rep['rejected_replies']}; "
+        f"client copies resynced after a fingerprint mismatch: {rep['resynced_copies']}.",
     ]
     if "truncation" in rep:
         t = rep["truncation"]

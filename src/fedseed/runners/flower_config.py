@@ -111,7 +111,11 @@ def from_run_config(run_config: Mapping[str, Any], node_overrides: Mapping[str, 
     for key, value in (node_overrides or {}).items():
         section, _, name = key.partition(".")
         sections.setdefault(section, {})[name] = value
-    return load_config(sections), settings
+    cfg = load_config(sections)
+    if cfg.faults.adversaries:
+        raise ConfigError("`faults.adversaries` is for in-process runs (`fedseed run`); on Flower, real nodes "
+                          "misbehave by themselves: set it to 0")
+    return cfg, settings
 
 
 def to_run_config(cfg: Config, settings: FlowerSettings) -> dict[str, dict[str, Any]]:

@@ -96,7 +96,7 @@ def ledger_header(exp: Experiment, algo: Algorithm) -> LedgerHeader:
 def open_ledger(folder: RunFolder, exp: Experiment, server: Algorithm, resume: bool) -> Ledger:
     """A new ledger, or the run's existing one replayed into ``server`` after checking it is this run's."""
     header = ledger_header(exp, server)
-    if not resume:
+    if not resume or not folder.ledger_path.exists():  # killed before its first commit: nothing to continue
         return Ledger.create(folder.ledger_path, header)
     ledger = Ledger.open(folder.ledger_path, repair=True)
     ledger.check_base(exp.config.model.name_or_path, exp.base_hash)
@@ -224,7 +224,7 @@ def begin(exp: Experiment, folder: RunFolder, server: Algorithm, client: Algorit
     client.bind(exp.model)
     ledger = open_ledger(folder, exp, server, resume)
     folder.trim_metrics(ledger.rounds)
-    if ledger.rounds == 0 and exp.config.eval.before:
+    if ledger.rounds == 0 and exp.config.eval.before and not any(r["round"] == 0 for r in folder.metrics()):
         folder.append_metrics({"round": 0, **evaluate(exp, generation=True, events=events)})
     return ledger
 
