@@ -17,7 +17,13 @@ and ``sign-flip``.
     python benchmarks/robustness.py                 # about 25 min on 2 busy CPU cores
     python benchmarks/robustness.py --rounds 2 --steps 10 --attacks huge   # a quick look
 
-Prints a table and writes ``benchmarks/results/robustness-cpu.json``.
+It also times one aggregation under each setting against the plain mean on
+replies of paper size (FedKSeed: K = 4096, 10 clients x 200 steps; dense: 10
+clients x the 260K-parameter quickstart model), and the fingerprint a client
+computes per reply. ``--timing-only`` runs just that (seconds).
+
+Prints tables and writes ``benchmarks/results/robustness-cpu.json`` and
+``robustness-timing-cpu.json``.
 """
 
 from __future__ import annotations
@@ -76,6 +82,55 @@ def run(cfg: dict) -> dict[str, Any]:
             "rejected": sum(len(r.get("rejected", {})) for r in rows[1:])}
 
 
+def best_of(fn, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def timing() -> list[dict[str, Any]]:
+    """Seconds per aggregation, each setting against the plain mean, on synthetic replies of paper size."""
+    import numpy as np
+
+    from fedseed.algorithms.fedavg import FedAvg, FedAvgConfig
+    from fedseed.algorithms.fedkseed import FedKSeed, FedKSeedConfig, SeedReply
+    from fedseed.algorithms.dense import DenseReply
+    from fedseed.config import RobustSection
+
+    rng = np.random.default_rng(0)
+    k, tau, m, numel = 4096, 200, 10, 260_032
+    seed_replies = [SeedReply(1, c, 100, tau, 0, 1.0, 0, np.unique(rng.integers(0, k, tau)),
+                              np.zeros(0, np.float32), 1) for c in range(m)]
+    seed_replies = [SeedReply(1, r.client, 100, tau, 0, 1.0, 0, r.seed_ids,
+                              rng.normal(size=r.seed_ids.size).astype(np.float32), 1) for r in seed_replies]
+    dense_replies = [DenseReply(1, c, 100, 1, 0, 1.0, rng.normal(size=numel).astype(np.float32) * 1e-3, 1)
+                     for c in range(m)]
+    fedkseed, fedavg = FedKSeed(FedKSeedConfig(num_seeds=k, local_steps=tau), 0), FedAvg(FedAvgConfig(), 0)
+    fedavg.weights = np.zeros(numel, np.float32)
+    rows = []
+    for setting, robust in SETTINGS.items():  # "off" first: the plain weighted mean of the papers
+        row = {"setting": setting}
+        for name, algo, replies in (("fedkseed", fedkseed, seed_replies), ("dense", fedavg, dense_replies)):
+            algo.robust = RobustSection(**robust)
+            row[f"{name}_seconds"] = best_of(lambda: algo.aggregate(1, replies))
+        rows.append(row)
+    plain = rows[0]
+    for row in rows:
+        for name in ("fedkseed", "dense"):
+            row[f"{name}_vs_plain_mean"] = row[f"{name}_seconds"] / plain[f"{name}_seconds"]
+    return rows
+
+
+def fingerprint_seconds() -> float:
+    from fedseed.models import LocalModel, load_model
+
+    model = LocalModel.wrap(load_model(str(SHARED / "models" / "stories260K"))[0])
+    return best_of(lambda: model.fingerprint(42, 1, 1024), 20)
+
+
 def fmt(x: float | None) -> str:
     return "diverged (NaN)" if x is None else f"{x:.4f}"
 
@@ -87,8 +142,21 @@ def main() -> None:
     ap.add_argument("--num-seeds", type=int, default=1024, help="K")
     ap.add_argument("--attacks", default="huge,sign-flip")
     ap.add_argument("--adversaries", default="1,2,3")
+    ap.add_argument("--timing-only", action="store_true", help="only the aggregation and fingerprint timings")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "robustness-cpu.json"))
     args = ap.parse_args()
+    timings = timing()
+    print("| setting | FedKSeed aggregate | x plain mean | dense aggregate | x plain mean |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for t in timings:
+        print(f"| {t['setting']} | {t['fedkseed_seconds'] * 1e3:.2f} ms | {t['fedkseed_vs_plain_mean']:.2f} | "
+              f"{t['dense_seconds'] * 1e3:.1f} ms | {t['dense_vs_plain_mean']:.2f} |")
+    fingerprint = fingerprint_seconds()
+    print(f"fingerprint of 1024 weights (stories260K): {fingerprint * 1e3:.2f} ms\n")
+    write(Path(args.out).with_name("robustness-timing-cpu.json"),
+          {"benchmark": "robustness-timing", "aggregation": timings, "fingerprint_seconds": fingerprint})
+    if args.timing_only:
+        return
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         cases = [(0, "huge")] + [(int(n), a) for a in args.attacks.split(",") for n in args.adversaries.split(",")]
@@ -109,11 +177,14 @@ def main() -> None:
     base = results[0]["base_loss"]
     print(f"\nbase model {fmt(base)}; clean-run cost of the defaults: {clean['default'] - clean['off']:+.4f} "
           f"(median: {clean['median'] - clean['off']:+.4f})")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
-        "benchmark": "robustness", "date": datetime.date.today().isoformat(), "machine": platform.processor() or
-        platform.machine(), "args": vars(args), "base_loss": base, "results": results}, indent=2))
-    print(f"wrote {args.out}")
+    write(Path(args.out), {"benchmark": "robustness", "args": vars(args), "base_loss": base, "results": results})
+
+
+def write(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine()}
+    path.write_text(json.dumps({**result, **stamp}, indent=2))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
