@@ -42,6 +42,9 @@ def test_overrides_parse_toml_values(tmp_path):
     cfg = load_config(small_config(tmp_path), ["algorithm.lr=3e-4", "federation.rounds=9", "run.device=cpu",
                                                "eval.before=false"])
     assert cfg.algorithm["lr"] == 3e-4 and cfg.federation.rounds == 9 and cfg.eval.before is False
+    assert load_config(small_config(tmp_path), ["faults.attack=nan"]).faults.attack == "nan"  # a word, not a float
+    with pytest.raises(ConfigError, match="`algorithm.lr` must be float, got str 'inf'"):
+        load_config(small_config(tmp_path), ["algorithm.lr=inf"])
     with pytest.raises(ConfigError, match="section.key"):
         parse_override("rounds=3")
     with pytest.raises(ConfigError, match="not found"):

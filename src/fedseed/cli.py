@@ -26,10 +26,12 @@ def _log_to(console) -> Iterator[None]:
     handler = RichHandler(console=console, show_time=False, show_path=False)
     logger = logging.getLogger("fedseed")
     logger.addHandler(handler)
+    logger.propagate = False  # a library may have configured the root logger too: one line per warning
     try:
         yield
     finally:
         logger.removeHandler(handler)
+        logger.propagate = True
 
 
 def _progress():

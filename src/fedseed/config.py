@@ -10,6 +10,7 @@ Ferret is an error too.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,7 +159,11 @@ def build_section(name: str, cls: type, table: dict[str, Any]) -> Any:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``section.key=value``; the value is read as TOML (``3``, ``1e-5``, ``true``), else as a string."""
+    """``section.key=value``; the value is read as TOML (``3``, ``1e-5``, ``true``), else as a string.
+
+    TOML reads the bare words ``nan`` and ``inf`` as floats; no fedseed setting
+    takes a non-finite number, so they stay words (``faults.attack=nan``).
+    """
     if "=" not in text:
         raise ConfigError(f"--set expects section.key=value, got {text!r}")
     key, raw = text.split("=", 1)
@@ -169,6 +174,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    if isinstance(value, float) and not math.isfinite(value):
+        value = raw.strip()
     return path, value
 
 

@@ -141,7 +141,8 @@ def accept(server: Algorithm, task: Any, c: int, up: bytes, result: RoundResult,
 def close_round(server: Algorithm, round: int, replies: list[Any], result: RoundResult) -> Any:
     """The round's update from its accepted replies (arrival order does not matter)."""
     if not replies:
-        raise InvalidReply(f"round {round}: every reply was rejected: {result.rejected}")
+        raise InvalidReply(f"round {round}: every reply was rejected, nothing to aggregate: {result.rejected}. The "
+                           "ledger holds every earlier round; fix the clients and continue with --resume")
     result.train_loss = sum(r.loss for r in replies) / len(replies)
     return server.aggregate(round, replies)
 
