@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,19 @@ def small_config(output_dir: Path, algorithm: dict[str, Any] | None = None, **se
     for name, table in sections.items():
         cfg[name] = {**cfg.get(name, {}), **table}
     return cfg
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch with ``n`` intra-op threads, restored after: CPU float sums depend on the thread count."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def run_simulation(cfg: dict[str, Any], **kwargs):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import torch_threads
 from fedseed import wire
 from fedseed.algorithms import InvalidReply, algorithm_config, build_algorithm
 from fedseed.algorithms.dense import DenseReply, DenseUpdate, reply_bytes, task_bytes, update_bytes
@@ -63,10 +64,8 @@ def config(output_dir: Path, algorithm: dict) -> object:
 def one_thread():
     """A 260K-parameter model gains nothing from intra-op threads, and on a busy 2-core machine
     two spinning OpenMP threads make each forward ~20x slower; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -26,14 +26,13 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import REPO, run_simulation, small_config
+from conftest import REPO, run_simulation, small_config, torch_threads
 from fedseed.ledger import Ledger, LedgerError
 from fedseed.runfolder import RunFolder, to_toml
 
@@ -45,18 +44,6 @@ def crash_config(out: Path, rounds: int, local_steps: int, before: bool) -> dict
     """A FedKSeed run of well under a second per round, evaluated at the end (and before, with ``before``)."""
     algorithm = {"name": "fedkseed", "num_seeds": 64, "local_steps": local_steps, "lr": 1e-4, "eps": 1e-3}
     return small_config(out, algorithm, federation={"rounds": rounds}, eval={**QUICK_EVAL, "before": before})
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def reference(cfg: dict[str, Any], out: Path) -> tuple[bytes, Ledger, list[dict[str, Any]]]:

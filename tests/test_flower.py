@@ -30,7 +30,7 @@ from flwr.serverapp import Grid  # noqa: E402
 from flwr.supercore.run import Run  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from conftest import REPO, run_simulation, small_config  # noqa: E402
+from conftest import REPO, run_simulation, small_config, torch_threads  # noqa: E402
 from fedseed import wire  # noqa: E402
 from fedseed.algorithms import build_algorithm  # noqa: E402
 from fedseed.config import ConfigError, load_config  # noqa: E402
@@ -158,12 +158,8 @@ def one_torch_thread():
     Several parties share this process and 2 busy cores, where OpenMP's spinning
     threads make a run several times slower; both sides of every comparison compute alike.
     """
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+    with torch_threads(1):
+        yield
 
 
 def flower_run(cfg: dict[str, Any], root: Path, grid: LoopbackGrid | None = None, **flower: Any) -> LoopbackGrid:

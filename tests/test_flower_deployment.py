@@ -24,7 +24,6 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from conftest import DOLLY, REPO, STORIES  # noqa: E402
+from conftest import DOLLY, REPO, STORIES, torch_threads  # noqa: E402
 from fedseed.ledger import Ledger  # noqa: E402
 from fedseed.runfolder import RunFolder, to_toml  # noqa: E402
 
@@ -199,18 +198,6 @@ def write_run_config(path: Path, out: Path, clients: int, rounds: int, algorithm
     }
     path.write_text(to_toml({**cfg, "flower": {"startup_timeout": 90.0, **flower}}))
     return cfg
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def expected(cfg: dict[str, Any], accepted: list[list[int]]) -> list[bytes]:
