@@ -78,11 +78,14 @@ class EvalSection:
     before: bool = _f(True, "also evaluate the base model (round 0) for before/after numbers")
 
 
+RULES = ("mean", "median", "trimmed-mean")  # how fedseed.algorithms.robust combines clients per seed/coordinate
+
+
 @dataclass
 class RobustSection:
     """The server's defences against hostile or broken clients (fedseed.algorithms.robust says how each works)."""
 
-    rule: str = _f("mean", "how clients' values on one seed/coordinate combine", ("mean", "median", "trimmed-mean"))
+    rule: str = _f("mean", "how clients' values on one seed/coordinate combine", RULES)
     trim: float = _f(0.2, "trimmed-mean: fraction of the reporting clients cut from each end, per coordinate")
     norm_clip: float = _f(3.0, "scale a client's update down to this multiple of the round's median norm (0 = off)")
     value_clip: float = _f(0.0, "clip every scalar/coordinate to this multiple of the round's median |value| (0 = off)")

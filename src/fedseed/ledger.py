@@ -83,7 +83,7 @@ class Ledger:
     @classmethod
     def create(cls, path: Path, header: LedgerHeader) -> "Ledger":
         path.parent.mkdir(parents=True, exist_ok=True)
-        _replace_atomically(path, MAGIC + _record(wire.encode(header)))
+        write_atomically(path, MAGIC + _record(wire.encode(header)))
         return cls(path, header, [])
 
     @classmethod
@@ -102,7 +102,7 @@ class Ledger:
         except wire.WireError as e:
             raise LedgerError(f"{path}: bad header: {e}") from None
         if problem:  # drop the torn tail so appends continue from the last whole round
-            _replace_atomically(path, data[:end])
+            write_atomically(path, data[:end])
         return cls(path, header, frames[1:])
 
     def append(self, update: Any) -> int:
@@ -113,7 +113,7 @@ class Ledger:
         copy of the ledger per round, kilobytes for the seed methods.
         """
         frame = wire.encode(update)
-        _replace_atomically(self.path, _record(frame), keep=True)
+        write_atomically(self.path, _record(frame), keep=True)
         self.updates.append(frame)
         return len(frame)
 
@@ -139,8 +139,10 @@ class Ledger:
             )
 
 
-def _replace_atomically(path: Path, data: bytes, keep: bool = False) -> None:
+def write_atomically(path: Path, data: bytes, keep: bool = False) -> None:
     """Make ``path`` hold ``data`` (``keep``: its old bytes followed by ``data``) in one rename.
+
+    The ledger's every change goes through here, and so does any file a resume rewrites.
 
     write, fsync, rename, fsync the folder: after a crash at any point the file
     is either wholly the old one or wholly the new one.

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseed.config import Config
+from fedseed.ledger import write_atomically
 
 
 def to_toml(data: dict[str, Any], prefix: str = "") -> str:
@@ -90,9 +91,7 @@ class RunFolder:
     def trim_metrics(self, rounds: int) -> None:
         """Forget rows past the ledger: a run killed after a round's row but before its ledger commit redoes that round."""
         rows = [r for r in self.metrics() if r["round"] <= rounds]
-        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-        os.replace(tmp, self.metrics_path)
+        write_atomically(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
 
     def write_text(self, name: str, text: str) -> Path:
         path = self.path / name

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, require
-from fedseed.algorithms.robust import Contribution, capped_weights, clip_norms, clip_values, combine
+from fedseed.algorithms.robust import capped_weights, clip_norms, clip_values, combine, whole_rows
 from fedseed.models import DIRTY, LocalModel
 from fedseed.wire import F32, F32Array, U32, U64, message
 
@@ -175,8 +175,7 @@ class DenseAlgorithm(Algorithm):
         rob = self.robust
         ordered = sorted(replies, key=lambda r: r.client)  # arrival order must not change the bits
         weights = capped_weights([r.num_examples for r in ordered], rob.max_weight)
-        whole = np.zeros(1, dtype=np.int64)  # the delta is one row: every client reports every coordinate
-        deltas = [Contribution(whole, d[None, :]) for d in clip_values([r.delta for r in ordered], rob.value_clip)]
+        deltas = whole_rows(clip_values([r.delta for r in ordered], rob.value_clip))
         _, rows = combine(clip_norms(deltas, rob.norm_clip), weights, rob.rule, rob.trim)
         return DenseUpdate(round, rows[0].astype(np.float32))
 

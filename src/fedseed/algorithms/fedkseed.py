@@ -124,6 +124,12 @@ class SeedUpdate:
             raise ValueError("seed_ids must be strictly increasing")
 
 
+def per_seed_sums(seed_ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct seed ids, ascending, and the sum of the values given on each (float64)."""
+    ids, inverse = np.unique(seed_ids, return_inverse=True)
+    return ids, np.bincount(inverse, weights=values, minlength=ids.size)
+
+
 def pro_probabilities(abs_g_sum: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """FedKSeed-Pro's sampling probabilities from each seed's history of |g|.
 
@@ -188,8 +194,7 @@ class FedKSeed(Algorithm):
                 ids = np.flatnonzero(g)
                 sums = g[ids]
             else:
-                ids, inverse = np.unique(r.seed_ids, return_inverse=True)
-                sums = np.bincount(inverse, weights=g, minlength=ids.size)
+                ids, sums = per_seed_sums(r.seed_ids, g)
                 np.add.at(abs_g, r.seed_ids, np.abs(np.clip(g, -cfg.clip, cfg.clip)))
                 np.add.at(counts, r.seed_ids, 1)
             contributions.append(Contribution(ids, sums[:, None]))
@@ -255,8 +260,7 @@ class FedKSeed(Algorithm):
         loss = float(np.mean(losses)) if losses else 0.0
         seed_ids, values = np.asarray(ids, dtype=np.int64), np.asarray(gs, dtype=np.float64)
         if not self.config.pro:
-            uniq, inverse = np.unique(seed_ids, return_inverse=True)
-            sums = np.bincount(inverse, weights=values, minlength=uniq.size)
+            uniq, sums = per_seed_sums(seed_ids, values)
             width = next(w for w in (1, 2, 4, 8) if k - 1 < 1 << (8 * w))
             if 4 * k < uniq.size * (width + 4):
                 dense = np.bincount(seed_ids, weights=values, minlength=k)

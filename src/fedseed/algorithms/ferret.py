@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, require
-from fedseed.algorithms.robust import Contribution, capped_weights, clip_norms, clip_values
+from fedseed.algorithms.robust import capped_weights, clip_norms, clip_values, whole_rows
 from fedseed.directions import DISTRIBUTIONS, DirectionSpace, derive_seed
 from fedseed.models import DIRTY, LocalModel
 from fedseed.wire import F32, F32Array, F64Array, U32, U64, UIntArray, message
@@ -307,8 +307,7 @@ class Ferret(Algorithm):
         rob = self.robust
         ordered = sorted(replies, key=lambda r: r.client)  # arrival order must not change the bits
         weights = capped_weights([r.num_examples for r in ordered], rob.max_weight)
-        whole = np.zeros(1, dtype=np.int64)  # one row per client: its coordinates are not comparable to others'
-        coords = [Contribution(whole, c[None, :]) for c in clip_values([r.coords for r in ordered], rob.value_clip)]
+        coords = whole_rows(clip_values([r.coords for r in ordered], rob.value_clip))
         return FerretUpdate(
             round,
             np.array([r.seed for r in ordered], dtype=np.int64),

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-RULES = ("mean", "median", "trimmed-mean")
+from fedseed.config import RULES
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,12 @@ class Contribution:
 
     ids: np.ndarray  # (u,) ascending, unique
     rows: np.ndarray  # (u, width) float64
+
+
+def whole_rows(arrays: Sequence[np.ndarray]) -> list[Contribution]:
+    """Each client's values as one row under one id: a dense delta, or coordinates no other client shares."""
+    whole = np.zeros(1, dtype=np.int64)
+    return [Contribution(whole, np.asarray(a, dtype=np.float64)[None, :]) for a in arrays]
 
 
 def capped_weights(counts: Sequence[int], cap: float) -> np.ndarray:

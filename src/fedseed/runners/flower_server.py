@@ -270,12 +270,9 @@ class FlowerRound:
             return
         sent.node.position = answer.position
         if answer.stale:
-            if c in self.resent:
+            if not self.resend(c):
                 self.why[c] = f"node {sent.node.node_id}'s copy is still not where it said after a resend"
                 self.give_up(c)
-            else:
-                self.resent.add(c)
-                self.send(c)
             return
         self.flower_up[c] = self.flower_up.get(c, 0) + flower_bytes(msg)
         reply = accept(self.server, sent.task, c, answer.frame, self.result, self.expect)
@@ -284,15 +281,22 @@ class FlowerRound:
                 self.result.reject(c, f"still drifted after a resync from the ledger: {self.result.drifted[c]}")
                 self.give_up(c)
             else:
-                self.resent.add(c)
                 sent.node.position = 0
-                self.send(c)
+                self.resend(c)
         elif reply is None:
             self.give_up(c)
         else:
             self.replies[c] = reply
             self.done.add(c)
             events.client_done(self.round, c)
+
+    def resend(self, c: int) -> bool:
+        """Send ``c``'s task again, once per round; False when it was resent already."""
+        if c in self.resent:
+            return False
+        self.resent.add(c)
+        self.send(c)
+        return True
 
     def reject_duplicate(self, c: int) -> None:
         self.result.reject(c, f"duplicate reply for round {self.round} client {c} (the first one is kept)")
