@@ -44,12 +44,12 @@ import torch
 
 from fedseed.directions import DirectionSpace, derive_seed
 from fedseed.directions.precision import lost_fraction
+from fedseed.locations import QUICKSTART_DATA, QUICKSTART_MODEL, resolve
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-SHARED = HERE.parents[1] / "shared"
-STORIES = SHARED / "models" / "stories260K"
-DOLLY = SHARED / "data" / "dolly" / "databricks-dolly-15k.jsonl"
+STORIES = Path(resolve(QUICKSTART_MODEL))
+DOLLY = Path(resolve(QUICKSTART_DATA))
 # Random-init Llama shapes (numbers of parameters as built, untied unless said).
 CONFIGS = {
     "100M": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12),

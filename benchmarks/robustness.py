@@ -38,8 +38,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedseed.locations import QUICKSTART_DATA, QUICKSTART_MODEL
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 SETTINGS = {
     "off": {"norm_clip": 0.0, "max_weight": 1.0},
     "default": {},
@@ -50,8 +51,8 @@ SETTINGS = {
 def config(out: Path, args: argparse.Namespace, adversaries: int, attack: str, robust: dict[str, Any]) -> dict:
     return {
         "run": {"output_dir": str(out), "seed": 42},
-        "model": {"name_or_path": str(SHARED / "models" / "stories260K")},
-        "data": {"dataset": "dolly", "path": str(SHARED / "data" / "dolly" / "databricks-dolly-15k.jsonl"),
+        "model": {"name_or_path": QUICKSTART_MODEL},
+        "data": {"dataset": "dolly", "path": QUICKSTART_DATA,
                  "holdout": "summarization", "max_length": 256, "max_train_examples": 2000},
         "federation": {"num_clients": 10, "clients_per_round": 10, "rounds": args.rounds},
         "algorithm": {"name": "fedkseed", "num_seeds": args.num_seeds, "local_steps": args.steps, "lr": 5e-5,
@@ -127,7 +128,7 @@ def timing() -> list[dict[str, Any]]:
 def fingerprint_seconds() -> float:
     from fedseed.models import LocalModel, load_model
 
-    model = LocalModel.wrap(load_model(str(SHARED / "models" / "stories260K"))[0])
+    model = LocalModel.wrap(load_model(QUICKSTART_MODEL)[0])
     return best_of(lambda: model.fingerprint(42, 1, 1024), 20)
 
 

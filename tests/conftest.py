@@ -1,7 +1,9 @@
-"""Shared fixtures: the real tiny model and data in ../shared, and one small FedKSeed run."""
+"""Shared fixtures: the real tiny model and Dolly sample fedseed ships, ../shared where it exists, one small run."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,10 +11,33 @@ from typing import Any
 
 import pytest
 
+from fedseed.locations import QUICKSTART_DATA, QUICKSTART_MODEL, resolve
+
+# Base-weight copies fedseed writes (16-bit models, seeded heads, snapshots) go to a throwaway folder, not ~/.cache.
+os.environ.setdefault("FEDSEED_CACHE", str(Path(tempfile.gettempdir()) / "fedseed-test-cache"))
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-STORIES = SHARED / "models" / "stories260K"
-DOLLY = SHARED / "data" / "dolly" / "databricks-dolly-15k.jsonl"
+SHARED = REPO.parent / "shared"  # reference data beside our own checkouts; a bare clone has none
+STORIES = Path(resolve(QUICKSTART_MODEL))  # shipped with fedseed: tests run from a bare clone
+DOLLY = Path(resolve(QUICKSTART_DATA))  # 4,000 Dolly training examples + 303 held-out summarization ones
+
+# What a test needs from ../shared, and where a user gets it (the repository cannot carry these).
+SOURCES = {
+    "data/dolly": "databricks-dolly-15k.jsonl from the Hub data set databricks/databricks-dolly-15k",
+    "data/natural-instructions": "git clone https://github.com/allenai/natural-instructions (tasks/ and splits/)",
+    "data/gsm8k": "train.jsonl and test.jsonl from https://github.com/openai/grade-school-math (grade_school_math/data)",
+    "data/sst2": "train.tsv / dev.tsv / test.tsv of GLUE SST-2 (Hub data set stanfordnlp/sst2)",
+    "data/codealpaca": "code_alpaca_2k.json from https://github.com/sahil280114/codealpaca (data/)",
+}
+
+
+def shared(relative: str) -> Path:
+    """``../shared/<relative>``, or skip the test saying what to fetch and where to put it."""
+    path = SHARED / relative
+    if not path.exists():
+        source = next((what for prefix, what in SOURCES.items() if relative.startswith(prefix)), relative)
+        pytest.skip(f"needs {path}: fetch {source} and put it there")
+    return path
 
 
 def small_config(output_dir: Path, algorithm: dict[str, Any] | None = None, **sections: dict[str, Any]) -> dict[str, Any]:
@@ -20,7 +45,7 @@ def small_config(output_dir: Path, algorithm: dict[str, Any] | None = None, **se
     cfg: dict[str, Any] = {
         "run": {"output_dir": str(output_dir), "seed": 7},
         "model": {"name_or_path": str(STORIES)},
-        "data": {"dataset": "dolly", "path": str(DOLLY), "holdout": "summarization", "max_length": 256,
+        "data": {"dataset": "dolly", "path": str(DOLLY), "holdout": "summarization", "max_length": 512,
                  "max_train_examples": 300},
         "federation": {"num_clients": 6, "clients_per_round": 2, "rounds": 3},
         "algorithm": algorithm or {"name": "fedkseed", "num_seeds": 256, "local_steps": 30, "lr": 1e-4, "eps": 1e-3},

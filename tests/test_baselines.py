@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import torch_threads
+from conftest import DOLLY as DOLLY_SAMPLE, STORIES
 from fedseed import wire
 from fedseed.algorithms import InvalidReply, algorithm_config, build_algorithm
 from fedseed.algorithms.dense import DenseReply, DenseUpdate, reply_bytes, task_bytes, update_bytes
@@ -31,9 +32,7 @@ from fedseed.replay import rebuild
 from fedseed.runfolder import RunFolder
 from fedseed.runners.simulation import simulate
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-MODEL = SHARED / "models" / "stories260K"
-DOLLY = SHARED / "data" / "dolly" / "databricks-dolly-15k.jsonl"
+MODEL, DOLLY = STORIES, DOLLY_SAMPLE
 SEED = 42
 ROUNDS = 2
 EVAL_EXAMPLES = 32
@@ -232,14 +231,14 @@ def test_fedzo_step_is_the_two_point_estimate_along_fresh_directions(base, tmp_p
     g = []
     with torch.no_grad():
         for seed in seeds:
-            space.add_([seed], [eps], base=reference.base)
+            reference.rebuild_("rademacher", [seed], [eps])
             plus = float(reference.loss(batch))
-            space.add_([seed], [-eps], base=reference.base)
+            reference.rebuild_("rademacher", [seed], [-eps])
             g.append((plus - float(reference.loss(batch))) / (2 * eps))
     z = np.stack([np.concatenate([t.reshape(-1).numpy() for t in space.materialize(s)]) for s in seeds], axis=1)
     coeffs, *_ = np.linalg.lstsq(z, delta, rcond=None)  # (2,): delta's coordinates along z_1, z_2
     np.testing.assert_allclose(coeffs, -lr / 2 * np.array(g), rtol=1e-2)
-    assert np.abs(delta - z @ coeffs).max() < 1e-5  # nothing outside the span: perturb/restore left only rounding
+    assert np.abs(delta - z @ coeffs).max() < 1e-6  # nothing outside the span: the weights are never perturbed in place
 
 
 @pytest.mark.parametrize(("table", "field"), [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import SHARED, run_simulation
+from conftest import run_simulation, shared
 from fedseed.config import load_config
 from fedseed.experiment import load, prepare_data
 
@@ -16,7 +16,7 @@ def _config(tmp_path, algorithm, **data):
     return {
         "run": {"output_dir": str(tmp_path / "sst2"), "seed": 3},
         "model": {"name_or_path": MINILM},
-        "data": {"dataset": "sst2", "path": str(SHARED / "data" / "sst2"), "max_length": 48,
+        "data": {"dataset": "sst2", "path": str(shared("data/sst2")), "max_length": 48,
                  "max_train_examples": 800, "batch_size": 16, "partition": "iid", **data},
         "federation": {"num_clients": 4, "clients_per_round": 2, "rounds": 2},
         "algorithm": algorithm,
@@ -32,8 +32,8 @@ def test_sst2_data_and_seeded_head(tmp_path):
     data = prepare_data(cfg, tok)
     assert data.classes == ["negative", "positive"]
     assert len(data.heldout) == 872 and set(data.references) == {"negative", "positive"}
-    assert sum(len(c) for c in data.clients) == 800
-    assert all(len(ex.input_ids) <= 48 for c in data.clients for ex in c)
+    assert sum(len(c) for c in data.clients.values()) == 800
+    assert all(len(ex.input_ids) <= 48 for c in data.clients.values() for ex in c)
 
 
 @pytest.mark.slow

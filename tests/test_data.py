@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import DOLLY as DOLLY_SAMPLE, STORIES, shared
 from fedseed.data import (
     ALPACA_PROMPT,
     IGNORE_INDEX,
@@ -33,11 +34,7 @@ from fedseed.data import (
     tokenize_examples,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-DATA = SHARED / "data"
-DOLLY = DATA / "dolly" / "databricks-dolly-15k.jsonl"
-NI = DATA / "natural-instructions"
-TOKENIZER = SHARED / "models" / "stories260K"
+TOKENIZER = STORIES
 
 # Instance counts from the table in ../shared/data/natural-instructions/README.md.
 NI_TRAIN_COUNTS = {
@@ -59,7 +56,7 @@ NI_TEST_COUNTS = {
 
 @pytest.fixture(scope="module")
 def dolly() -> list[Example]:
-    return load_dolly(DOLLY)
+    return load_dolly(shared("data/dolly/databricks-dolly-15k.jsonl"))
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +83,8 @@ def test_dolly_counts_and_categories(dolly: list[Example]) -> None:
 
 
 def test_natural_instructions_train_and_test_counts() -> None:
-    train = load_natural_instructions(NI, "train")
-    test = load_examples("natural-instructions", NI, "test")
+    train = load_natural_instructions(shared("data/natural-instructions"), "train")
+    test = load_examples("natural-instructions", shared("data/natural-instructions"), "test")
     assert Counter(ex.category for ex in train) == NI_TRAIN_COUNTS
     assert Counter(ex.category for ex in test) == NI_TEST_COUNTS
     assert len(train) == 1272 and len(test) == 1620
@@ -99,7 +96,7 @@ def test_natural_instructions_train_and_test_counts() -> None:
 
 
 def test_natural_instructions_fields_and_max_per_task() -> None:
-    train = load_natural_instructions(NI, "train", max_per_task=5)
+    train = load_natural_instructions(shared("data/natural-instructions"), "train", max_per_task=5)
     assert len(train) == 5 * 8
     reverse = [ex for ex in train if ex.category == "task1331_reverse_array"]
     assert reverse[0].uid.startswith("task1331-")
@@ -116,26 +113,26 @@ def test_natural_instructions_no_listed_task_present(tmp_path: Path) -> None:
 
 
 def test_gsm8k_counts_folder_and_file() -> None:
-    train = load_examples("gsm8k", DATA / "gsm8k", "train")
-    test = load_examples("gsm8k", DATA / "gsm8k", "test")
+    train = load_examples("gsm8k", shared("data/gsm8k"), "train")
+    test = load_examples("gsm8k", shared("data/gsm8k"), "test")
     assert (len(train), len(test)) == (7473, 1319)
-    assert len(load_gsm8k(DATA / "gsm8k" / "test.jsonl")) == 1319
+    assert len(load_gsm8k(shared("data/gsm8k") / "test.jsonl")) == 1319
     assert all(ex.output.splitlines()[-1].startswith("#### ") for ex in test)
     assert test[0].output.endswith("#### 18") and test[0].category == "gsm8k"
 
 
 def test_sst2_counts_and_label_words() -> None:
-    train = load_examples("sst2", DATA / "sst2", "train")
-    dev = load_examples("sst2", DATA / "sst2", "test")  # "test" is dev.tsv by design
+    train = load_examples("sst2", shared("data/sst2"), "train")
+    dev = load_examples("sst2", shared("data/sst2"), "test")  # "test" is dev.tsv by design
     assert (len(train), len(dev)) == (67349, 872)
-    assert len(load_sst2(DATA / "sst2" / "test.tsv")) == 1821
+    assert len(load_sst2(shared("data/sst2") / "test.tsv")) == 1821
     assert {ex.output for ex in dev} == {"negative", "positive"}
     assert all(ex.category == ex.output for ex in dev)
     assert dev[0].input == "it 's a charming and often affecting journey ." and dev[0].output == "positive"
 
 
 def test_codealpaca_count() -> None:
-    examples = load_examples("codealpaca", DATA / "codealpaca" / "code_alpaca_2k.json", "train")
+    examples = load_examples("codealpaca", shared("data/codealpaca") / "code_alpaca_2k.json", "train")
     assert len(examples) == 2017
     assert {ex.category for ex in examples} == {"codealpaca"}
     assert examples[0].input == "dataList = [3, 9, 3, 5, 7, 9, 5]"
@@ -166,11 +163,11 @@ def test_missing_file_and_bad_names(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="natural-instructions"):
         load_examples("imagenet", missing, "train")
     with pytest.raises(DataError, match="`split`"):
-        load_examples("dolly", DOLLY, "validation")
+        load_examples("dolly", DOLLY_SAMPLE, "validation")
     with pytest.raises(DataError, match="`datasets` package"):
         load_examples("dolly", "hub:databricks/databricks-dolly-15k", "train")
     with pytest.raises(DataError):
-        load_alpaca(DOLLY)  # JSONL is not a JSON list
+        load_alpaca(DOLLY_SAMPLE)  # JSONL is not a JSON list
 
 
 # --------------------------------------------------------------------------- prompts
@@ -297,7 +294,7 @@ def test_iid_partition() -> None:
 
 
 def test_by_key_one_client_per_task() -> None:
-    train = load_natural_instructions(NI, "train")
+    train = load_natural_instructions(shared("data/natural-instructions"), "train")
     part = partition_by_key([ex.category for ex in train], seed=0)
     assert part.num_clients == 8 and part.method == "by-key"
     _assert_exact_cover(part, len(train))
@@ -323,3 +320,30 @@ def test_holdout_split(dolly: list[Example]) -> None:
     assert "summarization" not in {ex.category for ex in train}
     with pytest.raises(DataError, match="categories present: .*'brainstorming'"):
         holdout_split(dolly, "poetry")
+
+
+# --------------------------------------------------------------------------- the shipped sample
+
+
+def test_shipped_dolly_sample_is_the_quickstart_subset() -> None:
+    """4,000 training examples (the quickstart's subset of Dolly) and the 303 summarization ones that fit 512 tokens."""
+    examples = load_examples("dolly", "python:fedseed/assets/dolly-quickstart.jsonl.gz", "train")
+    train, heldout = holdout_split(examples, "summarization")
+    assert (len(train), len(heldout)) == (4000, 303)
+    assert len({ex.category for ex in train}) == 7
+    assert all(ex.instruction and ex.category for ex in examples)
+
+
+def test_gzip_files_load_and_corrupt_ones_are_named(tmp_path: Path) -> None:
+    import gzip
+
+    good = tmp_path / "d.jsonl.gz"
+    record = '{"instruction": "Say hi", "context": "", "response": "hi", "category": "open_qa"}\n'
+    good.write_bytes(gzip.compress(record.encode()))
+    assert load_dolly(good)[0].output == "hi"
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(gzip.compress(record.encode())[:20])
+    with pytest.raises(DataError, match="bad.jsonl.gz: cannot be read"):
+        load_dolly(bad)
+    with pytest.raises(DataError, match="not installed"):
+        load_examples("dolly", "python:no_such_package_xyz/data.jsonl", "train")

@@ -2,7 +2,7 @@
 
 The reference (``generator.py``) materialises whole directions with numpy; the
 kernels must reproduce it bit for bit, for both distributions, every storage
-dtype, any thread count, and must never lose an update in ``"master"`` precision.
+dtype and any thread count; ``perturb_into`` must leave the weights exactly as they were.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import STORIES
 from fedseed import directions
 from fedseed.directions import DirectionSpace, cpu, gaussian_tables, random_matrix, tensor_id
 from fedseed.directions.generator import direction
 from fedseed.directions.precision import lost_fraction
 
-MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K"
+MODEL = STORIES
 DISTS = ("rademacher", "gaussian")
 # Shapes chosen to hit every edge: 0-dim, one element, empty, odd sizes, several work items (CHUNK = 16384).
 SHAPES = [(), (1,), (0,), (7,), (3, 5), (33, 1001), (40_003,)]
@@ -274,32 +275,57 @@ def test_16bit_tensors_round_once_to_nearest(dtype, dist):
         assert t.dtype == dtype and torch.equal(t, want)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_master_precision_follows_the_float32_run_bit_for_bit(dtype):
-    """A FedKSeed-style sequence (+eps, -2eps, +eps - lr g) with tiny lr: float32 vs 16-bit storage."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dist", DISTS)
+def test_perturb_into_writes_the_perturbed_copy_and_leaves_the_weights(dtype, dist):
+    gen = torch.Generator().manual_seed(8)
+    named = _named([(40_003,), (3, 5), ()], gen, dtype)
+    before = [t.clone() for _, t in named]
+    out = [torch.empty_like(t) for _, t in named]
+    DirectionSpace(named, dist).perturb_into(out, [11, 12], [5e-3, -2e-3])
+    for (name, t), b, o in zip(named, before, out):
+        assert torch.equal(t, b)  # the weights never move
+        want = torch.from_numpy(_reference(b.float().numpy(), name, [11, 12], [5e-3, -2e-3], dist)).to(dtype)
+        assert torch.equal(o, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_perturb_into_with_an_update_is_the_update_then_the_perturbation(dtype):
+    """One pass: ``w += u`` (stochastically rounded in 16 bits), then ``out = w_stored + p`` rounded to nearest."""
+    gen = torch.Generator().manual_seed(9)
+    named = _named([(50_001,), (7,)], gen, dtype)
+    before = [t.clone() for _, t in named]
+    out = [torch.empty_like(t) for _, t in named]
+    DirectionSpace(named, "rademacher", "stochastic").perturb_into(out, [21], [1e-3], update=([20], [-4e-4]))
+    spacing = {torch.float32: 0.0, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
+    for (name, t), b, o in zip(named, before, out):
+        exact = torch.from_numpy(_reference(b.float().numpy(), name, [20], [-4e-4], "rademacher"))
+        assert bool(((t.float() - exact).abs() <= exact.abs() * spacing + 1e-12).all())  # one of its neighbours
+        want = torch.from_numpy(_reference(t.float().numpy(), name, [21], [1e-3], "rademacher")).to(dtype)
+        assert torch.equal(o, want)  # the perturbation starts from the updated weights as stored
+    if dtype != torch.float32:
+        rounded_up = sum(int((t.float() > torch.from_numpy(_reference(b.float().numpy(), n, [20], [-4e-4],
+                                                                        "rademacher"))).sum())
+                         for (n, t), b in zip(named, before))
+        assert 0 < rounded_up < 50_008  # stochastic: some up, some down
+
+
+def test_sixteen_bit_zo_steps_restore_exactly_with_perturb_into():
+    """In-place +eps, -2eps, +eps walks away from a bf16 weight; the perturbed copy never touches it."""
     gen = torch.Generator().manual_seed(6)
-    w32 = (0.02 * torch.randn(100_000, generator=gen))
-    w0 = w32.to(dtype)
-    w32 = w0.float()  # both runs start from the same representable weights
-    rng = np.random.default_rng(0)
-    steps = [(int(rng.integers(1 << 62)), float(rng.normal() * 50)) for _ in range(60)]
-    eps, lr = 5e-4, 3e-7
-    runs = {p: w0.clone() for p in ("nearest", "stochastic", "master")}
-    spaces = {p: DirectionSpace([("w", t)], "rademacher", precision=p) for p, t in runs.items()}
-    space32 = DirectionSpace([("w", w32)], "rademacher")
-    for seed, g in steps:
-        for space in [space32, *spaces.values()]:
-            space.add_([seed], [eps])
-            space.add_([seed], [-2 * eps])
-            space.add_([seed], [eps - lr * g])
-    master = spaces["master"].masters[0]
-    assert torch.equal(master, w32)  # the master is the float32 run
-    assert torch.equal(runs["master"], w32.to(dtype))  # and the 16-bit weights its rounding
-    best = w32.to(dtype).float()  # the closest a 16-bit model can get to the float32 run
-    err = {p: float((t.float() - best).norm() / (best - w0.float()).norm()) for p, t in runs.items()}
-    assert err["master"] == 0.0
-    assert err["nearest"] > 0.5  # rounding to nearest loses or distorts most of the update ...
-    assert err["stochastic"] > 0.5  # ... and stochastic rounding's noise through +eps/-2eps/+eps is worse
+    w = (0.02 * torch.randn(100_000, generator=gen)).to(torch.bfloat16)
+    start = w.clone()
+    space = DirectionSpace([("w", w)], "rademacher")
+    scratch = [torch.empty_like(w)]
+    for seed in range(40):
+        space.perturb_into(scratch, [seed], [5e-4])
+        space.perturb_into(scratch, [seed], [-5e-4])
+    assert torch.equal(w, start)
+    for seed in range(40):
+        space.add_([seed], [5e-4])
+        space.add_([seed], [-1e-3])
+        space.add_([seed], [5e-4])
+    assert not torch.equal(w, start)  # what the in-place scheme leaves behind
 
 
 def test_naive_bfloat16_storage_loses_most_zo_updates():
@@ -308,18 +334,6 @@ def test_naive_bfloat16_storage_loses_most_zo_updates():
     update = 3e-7 * 50 * torch.randn(100_000, generator=gen).sign()  # lr * g * z with FedKSeed's lr
     assert lost_fraction(w, update, torch.bfloat16) > 0.7
     assert lost_fraction(w, update, torch.float32) == 0.0
-
-
-def test_master_precision_notices_tensors_changed_behind_its_back():
-    w = torch.full((1000,), 1.0, dtype=torch.bfloat16)
-    space = DirectionSpace([("w", w)], "rademacher", precision="master")
-    space.add_([1], [1e-4])  # below the bf16 spacing at 1.0: kept in the master only
-    assert torch.equal(w, torch.ones(1000, dtype=torch.bfloat16))
-    with torch.no_grad():
-        w[:10] = 2.0  # e.g. an optimizer step
-    space.add_([2], [0.0])
-    assert torch.equal(w[:10], torch.full((10,), 2.0, dtype=torch.bfloat16))
-    assert torch.equal(space.masters[0][10:], (1.0 + 1e-4 * space.materialize(1)[0][10:]).float())
 
 
 def test_stochastic_rounding_is_unbiased_and_deterministic():

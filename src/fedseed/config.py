@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from fedseed.locations import QUICKSTART_DATA, QUICKSTART_MODEL
+
 
 class ConfigError(ValueError):
     """The configuration is invalid; the text names the key."""
@@ -37,7 +39,7 @@ class RunSection:
 
 @dataclass
 class ModelSection:
-    name_or_path: str = _f("../shared/models/stories260K", "local model folder or Hugging Face Hub id")
+    name_or_path: str = _f(QUICKSTART_MODEL, "local model folder, python:<package>/<folder>, or Hugging Face Hub id")
     dtype: str = _f("float32", "weight dtype", ("float32", "bfloat16", "float16"))
     trust_remote_code: bool = _f(False, "allow model code from the Hub (off: only transformers' own classes)")
     task: str = _f("auto", "model head; auto = classification for sst2, causal-lm otherwise",
@@ -52,10 +54,12 @@ class ModelSection:
 @dataclass
 class DataSection:
     dataset: str = _f("dolly", "data set", ("dolly", "natural-instructions", "codealpaca", "gsm8k", "sst2"))
-    path: str = _f("../shared/data/dolly/databricks-dolly-15k.jsonl", "file or folder of the data set")
+    path: str = _f(QUICKSTART_DATA, "file or folder of the data set, python:<package>/<path>, or hub:<repo id>")
     partition: str = _f("dirichlet", "how examples are spread over clients", ("dirichlet", "by-task", "iid"))
     alpha: float = _f(0.5, "Dirichlet concentration (smaller = more skewed)")
     holdout: str = _f("", "category held out for evaluation (Dolly); empty = the data set's test split")
+    eval_path: str = _f("", "file or folder of the held-out examples (all of it, or its holdout category); empty = "
+                            "carve them from data.path. A deployed server reads only this")
     max_length: int = _f(256, "tokens per example; longer responses are truncated, longer prompts dropped")
     max_train_examples: int = _f(0, "cap on training examples after partitioning (0 = all)")
     batch_size: int = _f(1, "examples per local step")

@@ -30,6 +30,7 @@ from fedseed.data import (
     tokenize_classification,
     tokenize_examples,
 )
+from fedseed.data.loaders import SST2_LABEL_WORDS
 from fedseed.models import LocalModel, content_hash, load_model
 
 BATCH_TAG = 0xBA7C
@@ -70,27 +71,57 @@ def sample_clients(seed: int, round: int, num_clients: int, per_round: int) -> l
 
 @dataclass
 class Data:
-    """Examples after loading, holding out, partitioning and tokenising."""
+    """Examples after loading, holding out, partitioning and tokenising: what one party holds."""
 
-    partition: Partition
-    clients: list[list[TokenizedExample]]
-    heldout: list[TokenizedExample]  # shuffled once with the run seed; evaluation takes prefixes
+    partition: Partition | None  # None on a deployed node or server: nobody partitions
+    clients: dict[int, list[TokenizedExample]]  # client -> its training examples (a node holds only its own)
+    heldout: list[TokenizedExample]  # shuffled once with the run seed; evaluation takes prefixes (empty: none)
     references: list[str]  # target text of each held-out example
     train_stats: TruncationStats
     heldout_stats: TruncationStats
     classes: list[str]  # class names for classification tasks, empty for generation tasks
 
 
-def _split(cfg: Config) -> tuple[list[Example], list[Example]]:
+def split_examples(cfg: Config) -> tuple[list[Example], list[Example]]:
+    """The training examples (the held-out category removed, capped at ``max_train_examples``) and the held-out ones.
+
+    The held-out examples come from ``data.eval_path`` when it is set (all of it, or
+    its ``holdout`` category), else from ``data.path``: its ``holdout`` category or
+    the data set's test split.
+    """
     d = cfg.data
+    if d.eval_path:
+        train = _without_holdout(load_examples(d.dataset, d.path, "train"), d.holdout)
+    elif d.holdout:
+        train, heldout = holdout_split(load_examples(d.dataset, d.path, "train"), d.holdout)
+    elif d.dataset in ("dolly", "codealpaca"):
+        raise ConfigError(f"`data.holdout` must name a category to hold out for {d.dataset} (it has no test split), "
+                          "or `data.eval_path` a file of held-out examples")
+    else:
+        train = load_examples(d.dataset, d.path, "train")
+    if d.max_train_examples and len(train) > d.max_train_examples:
+        keep = np.random.default_rng([cfg.run.seed, SUBSET_TAG]).choice(len(train), d.max_train_examples, replace=False)
+        train = [train[i] for i in sorted(keep)]
+    return train, (heldout_examples(cfg) if d.eval_path or not d.holdout else heldout)
+
+
+def heldout_examples(cfg: Config) -> list[Example]:
+    """What the evaluating party evaluates on: ``data.eval_path`` (its ``holdout`` category, if set) or the test split."""
+    d = cfg.data
+    if d.eval_path:
+        examples = load_examples(d.dataset, d.eval_path, "test")
+        return [ex for ex in examples if ex.category == d.holdout] if d.holdout else examples
     if d.holdout:
-        return holdout_split(load_examples(d.dataset, d.path, "train"), d.holdout)
-    if d.dataset in ("dolly", "codealpaca"):
-        raise ConfigError(f"`data.holdout` must name a category to hold out for {d.dataset} (it has no test split)")
-    return load_examples(d.dataset, d.path, "train"), load_examples(d.dataset, d.path, "test")
+        return holdout_split(load_examples(d.dataset, d.path, "train"), d.holdout)[1]
+    return load_examples(d.dataset, d.path, "test")
 
 
-def _partition(cfg: Config, train: list[Example]) -> Partition:
+def _without_holdout(examples: list[Example], holdout: str) -> list[Example]:
+    return [ex for ex in examples if ex.category != holdout] if holdout else examples
+
+
+def partition_examples(cfg: Config, train: list[Example]) -> Partition:
+    """Which training examples each client holds (in-process runs, and ``fedseed partition``)."""
     d, fed, seed = cfg.data, cfg.federation, cfg.run.seed
     if d.partition == "by-task":
         part = partition_by_key([ex.category for ex in train], seed)
@@ -105,35 +136,66 @@ def _partition(cfg: Config, train: list[Example]) -> Partition:
     return partition_iid(len(train), fed.num_clients, seed)
 
 
+def classes_of(cfg: Config, train: list[Example]) -> list[str]:
+    """Class names of a classification task: the data set's own labels, so every party numbers them alike."""
+    if cfg.model.resolved_task(cfg.data.dataset) != "classification":
+        return []
+    if cfg.data.dataset == "sst2":
+        return sorted(SST2_LABEL_WORDS.values())
+    return sorted({ex.output for ex in train})
+
+
 def _tokenize(cfg: Config, tokenizer, examples: list[Example], classes: list[str]):
     if classes:
         return tokenize_classification(examples, tokenizer, cfg.data.max_length, classes)
     return tokenize_examples(examples, tokenizer, cfg.data.max_length)
 
 
-def prepare_data(cfg: Config, tokenizer) -> Data:
-    train, heldout = _split(cfg)
-    if cfg.data.max_train_examples and len(train) > cfg.data.max_train_examples:
-        keep = np.random.default_rng([cfg.run.seed, SUBSET_TAG]).choice(len(train), cfg.data.max_train_examples, replace=False)
-        train = [train[i] for i in sorted(keep)]
-    classes = sorted({ex.output for ex in train}) if cfg.model.resolved_task(cfg.data.dataset) == "classification" else []
-    partition = _partition(cfg, train)
-    clients, stats = [], []
-    for idx in partition.clients:  # tokenised per client: drops stay inside their client
-        toks, st = _tokenize(cfg, tokenizer, [train[i] for i in idx], classes)
-        clients.append(toks)
-        stats.append(st)
-    empty = [c for c, toks in enumerate(clients) if not toks]
-    if empty:
-        raise ConfigError(
-            f"client {empty[0]} has no example that fits `data.max_length` = {cfg.data.max_length}; raise it"
-        )
+def _client_tokens(cfg: Config, tokenizer, client: int, examples: list[Example], classes: list[str]):
+    tokens, stats = _tokenize(cfg, tokenizer, examples, classes)  # tokenised per client: drops stay inside it
+    if not tokens:
+        raise ConfigError(f"client {client} has no example that fits `data.max_length` = {cfg.data.max_length}; "
+                          "raise it")
+    return tokens, stats
+
+
+def _heldout_tokens(cfg: Config, tokenizer, heldout: list[Example], classes: list[str]):
     order = np.random.default_rng([cfg.run.seed, EVAL_TAG]).permutation(len(heldout))
-    held, heldout_stats = _tokenize(cfg, tokenizer, [heldout[i] for i in order], classes)
-    if not held:
+    held, stats = _tokenize(cfg, tokenizer, [heldout[i] for i in order], classes)
+    if heldout and not held:
         raise ConfigError(f"no held-out example fits `data.max_length` = {cfg.data.max_length}; raise it")
     references = [classes[ex.label] for ex in held] if classes else [_reference(tokenizer, ex) for ex in held]
+    return held, references, stats
+
+
+def prepare_data(cfg: Config, tokenizer) -> Data:
+    """In-process runs: one data set, partitioned over every client, and the held-out set."""
+    train, heldout = split_examples(cfg)
+    classes = classes_of(cfg, train)
+    partition = partition_examples(cfg, train)
+    clients, stats = {}, []
+    for c, idx in enumerate(partition.clients):
+        clients[c], st = _client_tokens(cfg, tokenizer, c, [train[i] for i in idx], classes)
+        stats.append(st)
+    held, references, heldout_stats = _heldout_tokens(cfg, tokenizer, heldout, classes)
     return Data(partition, clients, held, references, _sum_stats(stats), heldout_stats, classes)
+
+
+def node_data(cfg: Config, tokenizer, client: int) -> Data:
+    """A deployed node: every example of its own ``data.path`` is client ``client``'s, and nothing else."""
+    train = _without_holdout(load_examples(cfg.data.dataset, cfg.data.path, "train"), cfg.data.holdout)
+    classes = classes_of(cfg, train)
+    tokens, stats = _client_tokens(cfg, tokenizer, client, train, classes)
+    empty = TruncationStats(0, 0, 0, 0)
+    return Data(None, {client: tokens}, [], [], stats, empty, classes)
+
+
+def server_data(cfg: Config, tokenizer) -> Data:
+    """A deployed server: only the held-out examples of ``data.eval_path`` (none when it is empty), no training data."""
+    classes = classes_of(cfg, [])
+    heldout = heldout_examples(cfg) if cfg.data.eval_path else []
+    held, references, stats = _heldout_tokens(cfg, tokenizer, heldout, classes)
+    return Data(None, {}, held, references, TruncationStats(0, 0, 0, 0), stats, classes)
 
 
 def _reference(tokenizer, ex: TokenizedExample) -> str:
@@ -180,4 +242,5 @@ def load(cfg: Config, num_labels: int = 2):
 def prepare(cfg: Config) -> Experiment:
     module, tokenizer = load(cfg)
     base_hash = content_hash(module)
-    return Experiment(cfg, LocalModel.wrap(module), tokenizer, prepare_data(cfg, tokenizer), base_hash)
+    return Experiment(cfg, LocalModel.wrap(module, cfg.model.name_or_path), tokenizer, prepare_data(cfg, tokenizer),
+                      base_hash)

@@ -9,14 +9,20 @@ and the ledger position the copy is synced to.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 
+from fedseed.base_weights import BaseWeights, default_cache_dir
 from fedseed.directions import DirectionSpace
+from fedseed.locations import LocationError, resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda")
@@ -26,22 +32,6 @@ FINGERPRINT_TAG = 0xF1A6
 
 class ModelError(ValueError):
     """A model could not be loaded; the text says which and how to fix it."""
-
-
-PACKAGE_PREFIX = "python:"
-
-
-def resolve(name_or_path: str) -> str:
-    """``python:pkg/sub/dir`` names a model folder shipped inside an installed Python package."""
-    if not name_or_path.startswith(PACKAGE_PREFIX):
-        return name_or_path
-    import importlib.util
-
-    package, _, rest = name_or_path[len(PACKAGE_PREFIX):].partition("/")
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"`model.name_or_path` {name_or_path!r}: Python package {package!r} is not installed")
-    return str(Path(list(spec.submodule_search_locations)[0]) / rest)
 
 
 def _looks_local(name_or_path: str) -> bool:
@@ -56,7 +46,10 @@ def load_model(name_or_path: str, *, task: str = "causal-lm", dtype: str = "floa
     head on an encoder, as in the GLUE experiments). A new classification head is
     initialised from ``seed``, so every party of a run starts from the same weights.
     """
-    name_or_path = resolve(name_or_path)
+    try:
+        name_or_path = resolve(name_or_path)
+    except LocationError as e:
+        raise ModelError(f"`model.name_or_path` {e}") from None
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -88,13 +81,44 @@ def load_model(name_or_path: str, *, task: str = "causal-lm", dtype: str = "floa
     return model, tokenizer
 
 
+@contextmanager
+def checkpointed_layers(module: torch.nn.Module) -> Iterator[None]:
+    """Activation checkpointing of every transformer layer, the model staying in eval mode.
+
+    A backward through a billion-parameter model otherwise keeps every layer's
+    activations, more memory than the weights' share of a 256-token batch; with
+    each layer recomputed in the backward only one layer's activations live at a
+    time. transformers' own switch (``gradient_checkpointing_enable``) acts only
+    in train mode, which would turn dropout on; this wraps each layer's forward in
+    ``torch.utils.checkpoint`` instead (non-reentrant, so ``torch.autograd.grad``
+    works) and turns the KV cache off, which a recomputed layer would write twice.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]
+    config = getattr(module, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    for layer in layers:
+        layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
+    if config is not None and use_cache is not None:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's forward again
+        if config is not None and use_cache is not None:
+            config.use_cache = use_cache
+
+
 def content_hash(module: torch.nn.Module) -> str:
     """sha256 over every parameter and buffer (name, dtype, shape, bytes), in name order."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own memory: no copy
     return h.hexdigest()
 
 
@@ -108,36 +132,66 @@ class LocalModel:
         The ``transformers`` model, in eval mode.
     trainable:
         ``(name, parameter)`` pairs the algorithm may change, in ``named_parameters`` order.
+    base:
+        Where ``w0`` of the trainable tensors lives on disk (:class:`~fedseed.base_weights.BaseWeights`):
+        nothing of it is held in memory, so a party holds one copy of the weights.
     """
 
     module: torch.nn.Module
     trainable: list[tuple[str, torch.nn.Parameter]]
+    base: BaseWeights
+    cache_dir: Path  # where fedseed writes what it keeps on disk for this copy (base copies, snapshots)
     position: int = 0
-    _base: list[torch.Tensor] = field(default_factory=list, repr=False)
     _spaces: dict[str, DirectionSpace] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def wrap(cls, module: torch.nn.Module) -> "LocalModel":
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        base = [p.detach().to(torch.float32).clone() for _, p in named]
-        return cls(module=module, trainable=named, _base=base)
+    def wrap(cls, module: torch.nn.Module, source: str | None = None, cache_dir: Path | None = None) -> "LocalModel":
+        """A freshly loaded ``module``; ``source`` is the folder or Hub id it was loaded from (where ``w0`` is).
 
-    @property
-    def base(self) -> list[torch.Tensor]:
-        """``w0`` in float32, captured when the model was wrapped, before any update."""
-        return self._base
+        Without a source, or for tensors the source does not hold as loaded,
+        fedseed writes ``w0`` once into its cache folder (``cache_dir``).
+        """
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        folder = resolve(source) if source else None
+        prefix = getattr(module, "base_model_prefix", "") or ""
+        cache_dir = cache_dir or default_cache_dir()
+        return cls(module, named, BaseWeights.locate(named, folder, cache_dir, prefix), cache_dir)
 
     def retarget(self, trainable: list[tuple[str, torch.nn.Parameter]]) -> None:
         """Make ``trainable`` the tensors algorithms update (e.g. LoRA adapters) and their current values ``w0``."""
         self.trainable = trainable
-        self._base = [p.detach().to(torch.float32).clone() for _, p in trainable]
+        self.base = BaseWeights.locate(trainable, None, self.cache_dir)
         self._spaces.clear()
 
-    def directions(self, distribution: str) -> DirectionSpace:
-        """The direction space over the trainable tensors (built once per distribution)."""
-        if distribution not in self._spaces:
-            self._spaces[distribution] = DirectionSpace(self.trainable, distribution)
-        return self._spaces[distribution]
+    def directions(self, distribution: str, precision: str = "nearest") -> DirectionSpace:
+        """The direction space over the trainable tensors (built once per distribution and precision)."""
+        key = f"{distribution}/{precision}"
+        if key not in self._spaces:
+            self._spaces[key] = DirectionSpace(self.trainable, distribution, precision)
+        return self._spaces[key]
+
+    @torch.no_grad()
+    def rebuild_(self, distribution: str, seeds: Sequence[int] | np.ndarray, coeffs: Sequence[float] | np.ndarray,
+                 rows: Sequence[int] | None = None) -> None:
+        """``w = w0 + sum_k coeffs[k] D(seeds[k])`` for the trainable tensors ``rows`` (default all).
+
+        One pass: the kernels read ``w0`` from the memory-mapped base files and
+        write the weights, a group of tensors at a time, so no parameter-sized
+        temporary exists. The sum is float32 in seed order and rounded once into
+        the weights' dtype, so every party gets the same bits.
+        """
+        space = self.directions(distribution)
+        for group in self.base.groups(rows):
+            with self.base.read(group) as w0:
+                space.subset(group).add_(seeds, coeffs, base=w0)
+
+    @torch.no_grad()
+    def reset_(self, rows: Sequence[int] | None = None) -> None:
+        """``w = w0`` for the trainable tensors ``rows`` (default all), read back from disk."""
+        for group in self.base.groups(rows):
+            with self.base.read(group) as w0:
+                for j, stored in zip(group, w0):
+                    self.trainable[j][1].copy_(stored)
 
     @torch.no_grad()
     def fingerprint(self, seed: int, position: int, samples: int) -> int:

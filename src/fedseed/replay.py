@@ -43,7 +43,7 @@ def rebuild(run_dir: str | Path, overrides: list[str] = ()) -> Rebuilt:
     cfg = load_config(folder.config_path, list(overrides))
     module, tokenizer = load(cfg)
     ledger.check_base(cfg.model.name_or_path, content_hash(module))
-    model = LocalModel.wrap(module)
+    model = LocalModel.wrap(module, cfg.model.name_or_path)
     algo = build_algorithm(cfg.algorithm, cfg.run.seed, cfg.robust)
     algo.bind(model)
     replay(algo, ledger, model)

@@ -143,10 +143,12 @@ class DenseAlgorithm(Algorithm):
         self.committed = 0
 
     def bind(self, model: LocalModel) -> None:
-        """Capture ``w0``: the float32 copy of the trainable tensors taken when the model was loaded."""
+        """Capture ``w0``, the trainable tensors of the freshly loaded model, as the server's float32 weights."""
         if self.committed:
             raise RuntimeError(f"{self.name}: bind() must come before any commit (committed {self.committed})")
-        self.weights = flatten(model.base)
+        if model.position != 0:
+            raise RuntimeError(f"{self.name}: bind() needs the model as loaded, it is at position {model.position}")
+        self.weights = flatten([p for _, p in model.trainable])
 
     def _global(self) -> np.ndarray:
         if self.weights is None:
@@ -196,12 +198,8 @@ class DenseAlgorithm(Algorithm):
                 f"{self.name}: the task carries {task.weights.size} weights but the model has {model.numel} "
                 "trainable elements; was bind(model) called on this model?"
             )
-        self.load(model, task.weights)
+        unflatten_([p for _, p in model.trainable], task.weights)
         model.position = task.round - 1
-
-    def load(self, model: LocalModel, weights: np.ndarray) -> None:
-        """Write ``weights`` (numel,) into ``model.trainable``; FedZO routes this through its direction space."""
-        unflatten_([p for _, p in model.trainable], weights)
 
     def train(self, model: LocalModel, batches: Batches, task: DenseTask) -> DenseReply:
         self.sync(model, task)

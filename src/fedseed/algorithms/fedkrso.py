@@ -37,7 +37,7 @@ from torch import nn
 from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, require
 from fedseed.algorithms.robust import Contribution, capped_weights, clip_norms, clip_values, combine
 from fedseed.directions import derive_seed, random_matrix
-from fedseed.models import DIRTY, LocalModel
+from fedseed.models import DIRTY, LocalModel, checkpointed_layers
 from fedseed.wire import F32, F32Array, U32, U64, UIntArray, message
 
 POOL_TAG = 0xC750
@@ -145,7 +145,7 @@ class SubspaceUpdate:
 class Matrix:
     """A trainable weight matrix and the layers that read it."""
 
-    index: int  # position in model.trainable (and model.base)
+    index: int  # position in model.trainable
     name: str
     weight: nn.Parameter  # (m, n)
     layers: tuple[nn.Module, ...]  # nn.Linear / nn.Embedding modules whose weight it is
@@ -229,7 +229,7 @@ class Subspace:
 
     def step(self, model: LocalModel, batch: dict[str, torch.Tensor]) -> float | None:
         """One optimizer step on the accumulators; the loss, or None when it or a gradient is not finite."""
-        with torch.enable_grad(), self.attached():
+        with torch.enable_grad(), self.attached(), checkpointed_layers(model.module):
             loss = model.loss(batch)
             if not torch.isfinite(loss):
                 return None
@@ -351,8 +351,7 @@ class FedKRSO(Algorithm):
         if task.totals.size != task.seed_ids.size * chunk:
             raise ValueError(f"fedkrso: the task has {task.totals.size} floats, {task.seed_ids.size} seeds x {chunk} "
                              "for this model; was it made for another model or rank?")
-        for (_, p), w0 in zip(model.trainable, model.base):
-            p.copy_(w0)
+        model.reset_()
         if not task.seed_ids.size:
             model.position = target
             return
@@ -366,7 +365,7 @@ class FedKRSO(Algorithm):
             stacked_p = torch.cat([
                 projection(self.pool[k], mat.name, self.config.rank, mat.cols) for k in task.seed_ids.tolist()
             ]).to(mat.weight.device)  # (t r, n)
-            mat.weight.copy_(model.base[mat.index] + stacked_t @ stacked_p)
+            mat.weight.add_(stacked_t @ stacked_p)  # (m, n), in float32, rounded once into the weight's dtype
         model.position = target
 
     def train(self, model: LocalModel, batches: Batches, task: SubspaceTask) -> SubspaceReply:

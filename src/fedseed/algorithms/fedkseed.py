@@ -2,8 +2,9 @@
 
 Every local step picks a seed index k from the pool, estimates the directional
 derivative ``g = (L(w + eps z_k) - L(w - eps z_k)) / 2eps`` with two forwards and
-moves ``w -= lr * g * z_k``, all in place (``+eps, -2eps, +eps - lr g``: three
-passes, no copy of the model). The client reports only ``(k, g)``.
+moves ``w -= lr * g * z_k`` (:class:`~fedseed.algorithms.zeroth_order.Perturbation`:
+the weights are never perturbed in place, and a step costs two passes over them).
+The client reports only ``(k, g)``.
 
 Because the pool is fixed and the learning rate constant, the global model is
 linear in per-seed totals: ``w = w0 + sum_k C_k z_k``. The server keeps the K
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, require
+from fedseed.algorithms.zeroth_order import Perturbation
 from fedseed.algorithms.robust import Contribution, capped_weights, clip_norms, clip_values, combine
 from fedseed.directions import DISTRIBUTIONS, derive_seed
 from fedseed.models import DIRTY, LocalModel
@@ -46,7 +48,9 @@ class FedKSeedConfig:
     clip: float = 1000.0  # |g| clip for the Pro history
 
     def __post_init__(self) -> None:
-        _positive(self, "num_seeds", "local_steps", "lr", "eps", "clip")
+        _positive(self, "num_seeds", "local_steps", "eps", "clip")
+        if not self.lr >= 0:  # 0 measures gradients and moves nothing
+            raise ValueError(f"`algorithm.lr` must be >= 0, got {self.lr!r}")
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"`algorithm.distribution` must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
 
@@ -217,14 +221,13 @@ class FedKSeed(Algorithm):
         target = task.round - 1
         if model.position == target:
             return
-        model.directions(self.config.distribution).add_(self.pool[task.seed_ids], task.coeffs, base=model.base)
+        model.rebuild_(self.config.distribution, self.pool[task.seed_ids], task.coeffs)
         model.position = target
 
     @torch.no_grad()
     def train(self, model: LocalModel, batches: Batches, task: SeedTask) -> SeedReply:
         cfg = self.config
         self.sync(model, task)
-        space = model.directions(self.config.distribution)
         rng = np.random.default_rng([self.seed, task.round, task.client, STEP_TAG])
         probs = task.probabilities.astype(np.float64) if task.probabilities.size else None
         if probs is not None:
@@ -233,23 +236,19 @@ class FedKSeed(Algorithm):
         model.position = DIRTY
         ids, gs, losses = [], [], []
         skipped = 0
-        for _ in range(cfg.local_steps):
-            k = int(rng.choice(cfg.num_seeds, p=probs))
-            seed = [int(self.pool[k])]
-            batch = next(batches)
-            space.add_(seed, [cfg.eps])
-            plus = float(model.loss(batch))
-            space.add_(seed, [-2 * cfg.eps])
-            minus = float(model.loss(batch))
-            g = (plus - minus) / (2 * cfg.eps)
-            if not np.isfinite(g):
-                space.add_(seed, [cfg.eps])
-                skipped += 1
-                continue
-            space.add_(seed, [cfg.eps - cfg.lr * g])
-            ids.append(k)
-            gs.append(g)
-            losses.append((plus + minus) / 2)
+        with Perturbation(model, cfg.distribution) as zo:
+            for _ in range(cfg.local_steps):
+                k = int(rng.choice(cfg.num_seeds, p=probs))
+                seed = int(self.pool[k])
+                plus, minus = zo.two_point(next(batches), seed, cfg.eps)
+                g = (plus - minus) / (2 * cfg.eps)
+                if not np.isfinite(g):  # nothing to undo: the weights were never perturbed
+                    skipped += 1
+                    continue
+                zo.defer([seed], [-cfg.lr * g])
+                ids.append(k)
+                gs.append(g)
+                losses.append((plus + minus) / 2)
         return self._reply(task, ids, gs, losses, skipped, batches.num_examples, fingerprint)
 
     def _reply(self, task: SeedTask, ids: list[int], gs: list[float], losses: list[float], skipped: int,

@@ -2,9 +2,9 @@
 
 Each local step draws ``num_directions`` fresh seeds from
 ``(run seed, round, client, step, j)`` and, for each, estimates the directional
-derivative ``g_j = (L(w + eps z_j) - L(w - eps z_j)) / 2eps`` with the same
-in-place perturb/restore as FedKSeed (``+eps, -2eps``, then the restore folded
-into the update); the step moves ``w -= lr / b * sum_j g_j z_j``.
+derivative ``g_j = (L(w + eps z_j) - L(w - eps z_j)) / 2eps`` with FedKSeed's
+:class:`~fedseed.algorithms.zeroth_order.Perturbation` (the weights are never
+perturbed in place); the step moves ``w -= lr / b * sum_j g_j z_j``.
 
 Unlike FedKSeed the seeds are not from a fixed pool and nobody replays them:
 the client uploads its dense delta and the server averages deltas as FedAvg
@@ -18,10 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from fedseed.algorithms.base import Batches
-from fedseed.algorithms.dense import DenseAlgorithm, DenseTask, LocalRun, require_positive, split_like
+from fedseed.algorithms.dense import DenseAlgorithm, DenseTask, LocalRun, require_positive
+from fedseed.algorithms.zeroth_order import Perturbation
 from fedseed.directions import DISTRIBUTIONS, derive_seed
 from fedseed.models import LocalModel
 
@@ -53,41 +53,23 @@ class FedZO(DenseAlgorithm):
         super().__init__(seed, config.local_steps)
         self.config = config
 
-    def load(self, model: LocalModel, weights: np.ndarray) -> None:
-        """Set the weights through the direction space, so a 16-bit model's float32 master copy follows."""
-        space = model.directions(self.config.distribution)
-        space.add_([], [], base=split_like(weights, space.tensors))
-
     def step_seeds(self, round: int, client: int, step: int) -> list[int]:
         """The fresh direction seeds of one local step."""
         return [derive_seed(self.seed, STEP_TAG, round, client, step, j) for j in range(self.config.num_directions)]
 
-    @torch.no_grad()
     def local_steps(self, model: LocalModel, batches: Batches, task: DenseTask) -> LocalRun:
         cfg = self.config
-        space = model.directions(cfg.distribution)
         losses: list[float] = []
         skipped = 0
-        for step in range(cfg.local_steps):
-            seeds = self.step_seeds(task.round, task.client, step)
-            batch = next(batches)
-            gs, mids = [], []
-            for j, seed in enumerate(seeds):
-                space.add_([seed], [cfg.eps])
-                plus = float(model.loss(batch))
-                space.add_([seed], [-2 * cfg.eps])
-                minus = float(model.loss(batch))
-                if j + 1 < len(seeds):  # the last restore is folded into the update below
-                    space.add_([seed], [cfg.eps])
-                gs.append((plus - minus) / (2 * cfg.eps))
-                mids.append((plus + minus) / 2)
-            g = np.asarray(gs)  # (b,)
-            if not np.isfinite(g).all():
-                space.add_([seeds[-1]], [cfg.eps])
-                skipped += 1
-                continue
-            coeffs = -cfg.lr / len(seeds) * g
-            coeffs[-1] += cfg.eps
-            space.add_(seeds, coeffs)
-            losses.append(float(np.mean(mids)))
+        with Perturbation(model, cfg.distribution) as zo:
+            for step in range(cfg.local_steps):
+                seeds = self.step_seeds(task.round, task.client, step)
+                batch = next(batches)
+                pairs = [zo.two_point(batch, seed, cfg.eps) for seed in seeds]
+                g = np.array([(plus - minus) / (2 * cfg.eps) for plus, minus in pairs])  # (b,)
+                if not np.isfinite(g).all():
+                    skipped += 1
+                    continue
+                zo.defer(seeds, -cfg.lr / len(seeds) * g)
+                losses.append(float(np.mean([(plus + minus) / 2 for plus, minus in pairs])))
         return LocalRun(cfg.local_steps, skipped, losses)

@@ -29,16 +29,19 @@ carries only the rounds committed since.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, require
 from fedseed.algorithms.robust import capped_weights, clip_norms, clip_values, whole_rows
+from fedseed.base_weights import BaseWeights, snapshot
 from fedseed.directions import DISTRIBUTIONS, DirectionSpace, derive_seed
-from fedseed.models import DIRTY, LocalModel
+from fedseed.models import DIRTY, LocalModel, checkpointed_layers
 from fedseed.wire import F32, F32Array, F64Array, U32, U64, UIntArray, message
 
 SEED_TAG = 0xFE77  # the per-client-per-round seed
@@ -329,7 +332,7 @@ class Ferret(Algorithm):
         """Replay the carried rounds onto a copy at ``task.since`` (``since = 0``: from the base)."""
         blocks = self._blocks(model)
         if task.since == 0 and model.position != 0:
-            _restore_(model, model.base)
+            model.reset_()
         elif model.position != task.since:
             raise ValueError(
                 f"ferret: the model is at ledger position {model.position}, but the task replays rounds after "
@@ -353,19 +356,17 @@ class Ferret(Algorithm):
         self.sync(model, task)
         fingerprint = self.fingerprint(model, task)
         blocks = self._blocks(model)
-        start = [p.detach().clone() for _, p in model.trainable]  # exact copy: restored bit for bit below
-        model.position = DIRTY
-        with torch.enable_grad():
-            steps, skipped, losses = _local_steps(model, batches, cfg)
-        delta = _take_delta_and_restore_(model, start)
+        model.cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=model.cache_dir) as folder:
+            start = snapshot(model.trainable, Path(folder))  # on disk: restored bit for bit below
+            model.position = DIRTY
+            with torch.enable_grad(), checkpointed_layers(model.module):
+                steps, skipped, losses = _local_steps(model, batches, cfg)
+            seed = client_seed(self.seed, task.round, task.client)
+            bases = allocate_bases(_block_norms(model, start, blocks), cfg.num_bases)  # (L,)
+            coords = _block_coordinates(model, start, blocks, bases, seed, cfg.distribution)
+            _restore_from(model, start)
         model.position = task.round - 1
-        seed = client_seed(self.seed, task.round, task.client)
-        norms = np.array([math.sqrt(sum(float(delta[i].double().square().sum()) for i in b)) for b in blocks])
-        bases = allocate_bases(norms, cfg.num_bases)  # (L,)
-        coords = [
-            coordinates([(model.trainable[i][0], delta[i]) for i in block], seed, int(k), cfg.distribution)
-            for block, k in zip(blocks, bases)
-        ]
         flat = np.concatenate(coords).astype(np.float32)
         if not np.isfinite(flat).all():
             raise FloatingPointError("ferret: the update's coordinates overflow float32; lower `algorithm.lr`")
@@ -397,12 +398,6 @@ def _apply_round_(spaces: list[DirectionSpace], seeds: np.ndarray, weights: np.n
             offset += k
     for space, block_seeds, block_coeffs in zip(spaces, per_block_seeds, per_block_coeffs):
         space.add_(np.concatenate(block_seeds), np.concatenate(block_coeffs))
-
-
-def _restore_(model: LocalModel, source: Sequence[torch.Tensor]) -> None:
-    with torch.no_grad():
-        for (_, p), s in zip(model.trainable, source):
-            p.copy_(s)
 
 
 def _optimizer(params: list[torch.nn.Parameter], cfg: FerretConfig) -> torch.optim.Optimizer:
@@ -441,19 +436,36 @@ def _local_steps(model: LocalModel, batches: Batches, cfg: FerretConfig) -> tupl
     return cfg.local_steps, skipped, losses
 
 
-def _take_delta_and_restore_(model: LocalModel, start: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``w_after - w_start`` per tensor in float32, restoring each tensor as soon as its delta is taken.
+def _deltas(model: LocalModel, start: BaseWeights, rows: Sequence[int]) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(row, w_after - w_start)`` in float32 for ``rows``, the start read back from disk a group at a time."""
+    for group in start.groups(rows):
+        with start.read(group) as saved:
+            for j, s in zip(group, saved):
+                d = model.trainable[j][1].detach().to(torch.float32) - s.to(torch.float32)
+                if not bool(torch.isfinite(d).all()):
+                    raise FloatingPointError("ferret: local training diverged (non-finite weights); lower `algorithm.lr`")
+                yield j, d
 
-    Consumes ``start``: each copy is dropped once restored, so the extra memory stays
-    at about one copy of the model (the deltas replace the copies).
-    """
-    delta = []
-    with torch.no_grad():
-        for _, p in reversed(model.trainable):
-            s = start.pop()
-            delta.append(p.detach().to(torch.float32) - s.to(torch.float32))
-            p.copy_(s)
-    delta.reverse()
-    if not all(bool(torch.isfinite(d).all()) for d in delta):
-        raise FloatingPointError("ferret: local training diverged (non-finite weights); lower `algorithm.lr`")
-    return delta
+
+def _block_norms(model: LocalModel, start: BaseWeights, blocks: list[list[int]]) -> np.ndarray:
+    """``||Delta_l||`` of every block (L,), without holding more than one block's update."""
+    return np.array([math.sqrt(sum(float(d.double().square().sum()) for _, d in _deltas(model, start, block)))
+                     for block in blocks])
+
+
+def _block_coordinates(model: LocalModel, start: BaseWeights, blocks: list[list[int]], bases: np.ndarray, seed: int,
+                       distribution: str) -> list[np.ndarray]:
+    """``gamma_l`` of every block, each block's update formed, projected and dropped in turn."""
+    out = []
+    for block, k in zip(blocks, bases):
+        named = [(model.trainable[j][0], d) for j, d in _deltas(model, start, block)]
+        out.append(coordinates(named, seed, int(k), distribution))
+    return out
+
+
+@torch.no_grad()
+def _restore_from(model: LocalModel, start: BaseWeights) -> None:
+    for group in start.groups():
+        with start.read(group) as saved:
+            for j, s in zip(group, saved):
+                model.trainable[j][1].copy_(s)

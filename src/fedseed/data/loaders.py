@@ -12,6 +12,7 @@ Loaders do not shuffle, partition or tokenise, and they never touch the network:
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Any
 
 from fedseed.data.errors import DataError
 from fedseed.data.example import Example
+from fedseed.locations import LocationError, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +66,19 @@ def _existing_file(path: PathLike) -> Path:
 
 
 def _read_text(path: Path) -> str:
+    """The file as text; a ``.gz`` file is decompressed on the way (the quickstart's sample is)."""
     try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                return f.read()
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(
             f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); "
             "re-save the file as UTF-8"
         ) from exc
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: cannot be read ({exc}); is it a complete, uncompressed or gzip file?") from exc
 
 
 def _load_json(path: Path) -> Any:
@@ -403,8 +411,9 @@ def load_examples(dataset: str, path: PathLike, split: str) -> list[Example]:
     dataset : {"dolly", "natural-instructions", "codealpaca", "gsm8k", "sst2"}
         Which loader to use.
     path : str or PathLike
-        A local file or folder, or ``"hub:<repo id>"`` for the Hugging Face Hub
-        (needs the optional ``datasets`` package).
+        A local file or folder (``.gz`` files are decompressed), ``"python:<package>/<path>"``
+        for one shipped inside an installed package, or ``"hub:<repo id>"`` for the
+        Hugging Face Hub (needs the optional ``datasets`` package).
     split : {"train", "test"}
         Picks the file when ``path`` is a folder:
 
@@ -426,7 +435,11 @@ def load_examples(dataset: str, path: PathLike, split: str) -> list[Example]:
     text = os.fspath(path)
     if text.startswith(HUB_PREFIX):
         return load_from_hub(dataset, text[len(HUB_PREFIX):], split)
-    return _load_local(dataset, Path(path), split)
+    try:
+        local = resolve(text)
+    except LocationError as exc:
+        raise DataError(f"data `path` {exc}") from None
+    return _load_local(dataset, Path(local), split)
 
 
 # ---------------------------------------------------------------------------
@@ -466,7 +479,7 @@ def _hub_example(dataset: str, row: Mapping[str, Any], index: int, where: str) -
 
 
 def load_from_hub(dataset: str, name: str, split: str) -> list[Example]:
-    """Load ``dataset`` from the Hugging Face Hub repo ``name`` (needs ``datasets``).
+    """Load ``dataset`` from the Hugging Face Hub repo ``name``, ``"repo"`` or ``"repo:config"`` (needs ``datasets``).
 
     Kept for users with Hub access; the project's tests use local files only.
     """
@@ -480,7 +493,8 @@ def load_from_hub(dataset: str, name: str, split: str) -> list[Example]:
             "installed: `pip install datasets`, or download the data and give a local path"
         ) from exc
     hub_split = _HUB_SPLITS[dataset][split]
-    rows = datasets.load_dataset(name, split=hub_split)
+    repo, _, subset = name.partition(":")  # "openai/gsm8k:main": the Hub data set's config name after a colon
+    rows = datasets.load_dataset(repo, subset or None, split=hub_split)
     return [
         _hub_example(dataset, row, index, f"hub:{name}[{hub_split}] row {index}")
         for index, row in enumerate(rows)

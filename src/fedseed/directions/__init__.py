@@ -6,6 +6,7 @@ behind it without any algorithm noticing:
 
 * :class:`DirectionSpace` binds an ordered list of named tensors;
 * :meth:`DirectionSpace.add_` does ``w = base + sum_k c_k * D(seed_k)`` in place;
+* :meth:`DirectionSpace.perturb_into` writes ``w + sum_k c_k * D(seed_k)`` elsewhere, leaving ``w``;
 * :meth:`DirectionSpace.project` does ``<D(seed_k), w>`` for every seed (Ferret's ``V^T Delta``);
 * :meth:`DirectionSpace.materialize` returns a direction (tests, small tools);
 * :func:`random_matrix` returns one seeded matrix (FedKRSO's projections).
@@ -24,7 +25,7 @@ import torch
 
 from fedseed.directions import cpu
 from fedseed.directions.generator import DISTRIBUTIONS, TENSOR_SALT, Distribution, derive_seed, mix64, tensor_id
-from fedseed.directions.precision import LOW_PRECISION, PRECISIONS, Precision, rounding_keys
+from fedseed.directions.precision import PRECISIONS, Precision, rounding_keys
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -65,6 +66,15 @@ def _seeds(seeds: Sequence[int] | np.ndarray) -> np.ndarray:
     return np.asarray(seeds, dtype=np.uint64).reshape(-1)
 
 
+def _arguments(seeds: Sequence[int] | np.ndarray, coeffs: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Seeds as uint64 and coefficients as float32, one each."""
+    seeds_u64 = _seeds(seeds)
+    c32 = np.asarray(coeffs, dtype=np.float32).reshape(-1)
+    if seeds_u64.size != c32.size:
+        raise ValueError(f"{seeds_u64.size} seeds but {c32.size} coefficients")
+    return seeds_u64, c32
+
+
 def _kernel_ready(t: torch.Tensor) -> bool:
     """Whether the CPU kernels can read and write ``t`` through its address."""
     return t.device.type == "cpu" and t.dtype in _KINDS and t.is_contiguous()
@@ -83,17 +93,16 @@ class DirectionSpace:
         with the same integer and IEEE operations, so they give the same bits.
     precision:
         How results are stored into bfloat16/float16 tensors (see
-        :mod:`fedseed.directions.precision`): ``"master"`` (default) keeps a float32
-        master copy (``masters``, made by the first :meth:`add_`) so that no update
-        is lost, ``"nearest"`` rounds each result, ``"stochastic"`` rounds
-        stochastically. Float32 tensors are unaffected.
+        :mod:`fedseed.directions.precision`): ``"nearest"`` (default) rounds each
+        result to nearest even, ``"stochastic"`` rounds stochastically, from bits
+        that are a function of the call's arguments. Float32 tensors are unaffected.
     """
 
     def __init__(
         self,
         named_tensors: Sequence[tuple[str, torch.Tensor]],
         distribution: Distribution = "rademacher",
-        precision: Precision = "master",
+        precision: Precision = "nearest",
     ):
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"`distribution` must be one of {DISTRIBUTIONS}, got {distribution!r}")
@@ -108,7 +117,10 @@ class DirectionSpace:
         self.precision = precision
         self.numel = sum(t.numel() for t in self.tensors)
         self._tmix = np.array([mix64(tid ^ TENSOR_SALT) for tid in self.ids], dtype=np.uint64)
-        self.masters: list[torch.Tensor | None] = [None] * len(self.tensors)
+
+    def subset(self, rows: Sequence[int]) -> "DirectionSpace":
+        """The space over ``tensors[rows]`` only: the same directions restricted to those tensors."""
+        return DirectionSpace([(self.names[j], self.tensors[j]) for j in rows], self.distribution, self.precision)
 
     # -- public operations -----------------------------------------------------------
     def add_(
@@ -121,28 +133,58 @@ class DirectionSpace:
 
         The sum is accumulated in float32 in the given seed order, then added once:
         callers that need identical results must pass seeds in the same order.
-        With ``precision="master"`` a 16-bit tensor's own value is read from its
-        master copy (where the tensor still equals the master's rounding).
+        ``base`` may be any CPU tensors of the right sizes, memory-mapped files
+        included: the kernels read each once.
         """
-        seeds_u64 = _seeds(seeds)
-        c32 = np.asarray(coeffs, dtype=np.float32).reshape(-1)
-        if seeds_u64.size != c32.size:
-            raise ValueError(f"{seeds_u64.size} seeds but {c32.size} coefficients")
+        seeds_u64, c32 = _arguments(seeds, coeffs)
         if base is not None and len(base) != len(self.tensors):
             raise ValueError(f"`base` has {len(base)} tensors, the space binds {len(self.tensors)}")
         if seeds_u64.size == 0 and base is None:
             return
-        if self.precision == "master":
-            self._make_masters()
         cuda_rows, cpu_rows = [], []
         for j, t in enumerate(self.tensors):
             if base is not None and base[j].numel() != t.numel():
                 raise ValueError(f"`base[{j}]` has {base[j].numel()} elements, {self.names[j]!r} has {t.numel()}")
             (cuda_rows if t.device.type == "cuda" else cpu_rows).append(j)
         if cpu_rows:
-            self._add_cpu(cpu_rows, seeds_u64, c32, base)
+            self._add_cpu(cpu_rows, seeds_u64, c32, seeds_u64.size, base, None)
         if cuda_rows:
-            _cuda().add_directions(self, cuda_rows, seeds_u64, c32, base)
+            _cuda().add_directions(self, cuda_rows, seeds_u64, c32, seeds_u64.size, base, None)
+
+    def perturb_into(
+        self,
+        out: Sequence[torch.Tensor],
+        seeds: Sequence[int] | np.ndarray,
+        coeffs: Sequence[float] | np.ndarray,
+        update: tuple[Sequence[int] | np.ndarray, Sequence[float] | np.ndarray] | None = None,
+    ) -> None:
+        """``out = w + sum_k coeffs[k] * D(seeds[k])``, leaving ``w`` as it is, after an optional update of ``w``.
+
+        ``update = (seeds, coeffs)`` first moves the tensors themselves,
+        ``w += sum c D`` (rounded by the space's precision), in the same pass that
+        writes ``out``; ``out`` is computed from ``w`` as stored, rounded to
+        nearest. ``out[j]`` must match ``tensors[j]`` in shape, dtype and device
+        and be contiguous. This is how a zeroth-order step perturbs a model
+        without ever perturbing its weights in place: a 16-bit weight perturbed
+        and restored in place does not come back to itself.
+        """
+        up_seeds, up_coeffs = update if update is not None else ((), ())
+        all_seeds, all_coeffs = _arguments([*np.asarray(up_seeds, dtype=np.uint64).reshape(-1),
+                                            *np.asarray(seeds, dtype=np.uint64).reshape(-1)],
+                                           [*np.asarray(up_coeffs, dtype=np.float32).reshape(-1),
+                                            *np.asarray(coeffs, dtype=np.float32).reshape(-1)])
+        split = len(np.asarray(up_seeds).reshape(-1))
+        if len(out) != len(self.tensors):
+            raise ValueError(f"`out` has {len(out)} tensors, the space binds {len(self.tensors)}")
+        for j, (t, o) in enumerate(zip(self.tensors, out)):
+            if o.shape != t.shape or o.dtype != t.dtype or o.device != t.device or not o.is_contiguous():
+                raise ValueError(f"`out[{j}]` must be a contiguous {tuple(t.shape)} {t.dtype} tensor on {t.device}")
+        cuda_rows = [j for j, t in enumerate(self.tensors) if t.device.type == "cuda"]
+        cpu_rows = [j for j, t in enumerate(self.tensors) if t.device.type != "cuda"]
+        if cpu_rows:
+            self._add_cpu(cpu_rows, all_seeds, all_coeffs, split, None, out)
+        if cuda_rows:
+            _cuda().add_directions(self, cuda_rows, all_seeds, all_coeffs, split, None, out)
 
     def project(self, seeds: Sequence[int] | np.ndarray) -> np.ndarray:
         """``<D(seed_k), w>`` for every seed, summed over the bound tensors (float64, shape (K,)).
@@ -169,30 +211,29 @@ class DirectionSpace:
         DirectionSpace(list(zip(self.names, out)), self.distribution).add_([seed], [1.0])
         return out
 
-    def _make_masters(self) -> None:
-        """Float32 copies of the 16-bit tensors, on their devices (once; a space that only projects has none)."""
-        for j, t in enumerate(self.tensors):
-            if self.masters[j] is None and t.dtype in LOW_PRECISION:
-                self.masters[j] = t.detach().to(torch.float32).contiguous()
-
     # -- CPU ---------------------------------------------------------------------------
-    def _add_cpu(self, rows: list[int], seeds: np.ndarray, coeffs: np.ndarray, base: Sequence[torch.Tensor] | None):
+    def _add_cpu(self, rows: list[int], seeds: np.ndarray, coeffs: np.ndarray, split: int,
+                 base: Sequence[torch.Tensor] | None, out: Sequence[torch.Tensor] | None) -> None:
         ready = [j for j in rows if _kernel_ready(self.tensors[j])]
-        for j in set(rows).difference(ready):
+        unready = sorted(set(rows).difference(ready))
+        if unready and out is not None:
+            raise ValueError(f"{self.names[unready[0]]!r}: perturb_into needs contiguous float32/bfloat16/float16 "
+                             "CPU tensors")
+        for j in unready:
             self._add_converted(j, seeds, coeffs, base)
         if not ready:
             return
         keep = []  # converted bases must outlive the kernel call
         entries = []  # one table row per tensor, columns cpu.OUT .. cpu.NUMEL
         for j in ready:
-            t, master = self.tensors[j], self.masters[j]
+            t = self.tensors[j]
             src = None if base is None or base[j] is t else base[j]
             if src is not None and not _kernel_ready(src):
                 src = src.detach().to("cpu", torch.float32).contiguous()
                 keep.append(src)
             entries.append((t.data_ptr(), _KINDS[t.dtype], 0 if src is None else src.data_ptr(),
                             cpu.F32 if src is None else _KINDS[src.dtype],
-                            0 if master is None else master.data_ptr(), t.numel(), 0, 0))
+                            0 if out is None else out[j].data_ptr(), t.numel(), 0, 0))
         table = np.array(entries, dtype=np.int64)  # (T, 8)
         tmix = self._tmix[ready]
         table[:, cpu.TMIX] = tmix.view(np.int64)
@@ -200,9 +241,10 @@ class DirectionSpace:
         if stochastic:
             table[:, cpu.RKEY] = rounding_keys(seeds, coeffs, tmix).view(np.int64)
         gaussian = self.distribution == "gaussian"
-        kernel = cpu.add_directions if _parallel(table[:, cpu.NUMEL], seeds.size, gaussian) else cpu.add_directions_serial
+        passes = seeds.size + (out is not None)  # generated elements per weight, as the work estimate
+        kernel = cpu.add_directions if _parallel(table[:, cpu.NUMEL], passes, gaussian) else cpu.add_directions_serial
         with torch.no_grad():
-            kernel(table, cpu.work_starts(table[:, cpu.NUMEL], cpu.CHUNK), seeds, coeffs, gaussian, stochastic)
+            kernel(table, cpu.work_starts(table[:, cpu.NUMEL], cpu.CHUNK), seeds, coeffs, split, gaussian, stochastic)
         del keep
 
     def _add_converted(self, j: int, seeds: np.ndarray, coeffs: np.ndarray, base: Sequence[torch.Tensor] | None):
@@ -210,11 +252,9 @@ class DirectionSpace:
         t = self.tensors[j]
         src = t if base is None else base[j]
         work = src.detach().to("cpu", torch.float32).contiguous().reshape(t.shape)
-        DirectionSpace([(self.names[j], work)], self.distribution, "nearest").add_(seeds, coeffs)
+        DirectionSpace([(self.names[j], work)], self.distribution).add_(seeds, coeffs)
         with torch.no_grad():
             t.copy_(work)
-        if self.masters[j] is not None:
-            self.masters[j].copy_(work)
 
     def _project_cpu(self, rows: list[int], seeds: np.ndarray) -> np.ndarray:
         keep = [t if _kernel_ready(t) else t.detach().to("cpu", torch.float32).contiguous()

@@ -4,7 +4,10 @@
   memory: each work item (one tensor, up to ``CHUNK`` elements) adds all seeds to a
   ``BLOCK``-element float32 sum that stays in L1, then reads the source once and
   writes the result once, converting 16-bit storage on the fly. No temporary grows
-  with the tensor.
+  with the tensor. With a second output (``PERT``) the same pass also writes the
+  perturbed copy ``pert = out + sum_k c_k * D(seed_k)`` over the seeds after
+  ``split``, from the value just stored: a zeroth-order step's update and its next
+  perturbation cost one read of the weights.
 * :func:`project` computes ``<D(seed_k), delta>`` for every seed in float64.
 
 Tensors are passed as addresses (``Tensor.data_ptr()``) with their kind and size,
@@ -325,7 +328,7 @@ def f32_to_f16_stochastic(v, r):
 # -- kernels ---------------------------------------------------------------------------
 F32, BF16, F16 = 0, 1, 2  # storage kinds
 # Columns of the per-tensor table of add_directions (int64; tmix and rkey hold uint64 bits).
-OUT, OUT_KIND, SRC, SRC_KIND, MASTER, NUMEL, TMIX, RKEY = range(8)
+OUT, OUT_KIND, SRC, SRC_KIND, PERT, NUMEL, TMIX, RKEY = range(8)
 # Columns of the per-tensor table of project.
 ADDR, KIND, P_NUMEL, P_TMIX = range(4)
 CHUNK = 16384  # elements per work item of add_directions
@@ -383,25 +386,6 @@ def _add_source(acc, m, lo, address, kind):
 
 
 @numba.njit(inline="always")
-def _add_master(acc, m, lo, out_address, master_address, kind):
-    """``acc += master`` where the stored value still is ``round(master)``, else ``+= stored``.
-
-    An element changed behind the space's back (an optimizer step, a dense copy)
-    no longer matches its master, and its stored value wins.
-    """
-    out = numba.carray(ptr_u16(out_address + 2 * lo), m)
-    master = numba.carray(ptr_f32(master_address + 4 * lo), m)
-    if kind == BF16:
-        for j in range(m):
-            mv = master[j]
-            acc[j] = (mv if f32_to_bf16(mv) == out[j] else bf16_to_f32(out[j])) + acc[j]
-    else:
-        for j in range(m):
-            mv = master[j]
-            acc[j] = (mv if f32_to_f16(mv) == out[j] else f16_to_f32(out[j])) + acc[j]
-
-
-@numba.njit(inline="always")
 def _store(acc, ig, m, lo, address, kind, stochastic, rkey):
     """Write ``acc[:m]`` to ``out[lo:lo+m]``: round to nearest even, or stochastically with ``rkey``."""
     if kind == F32:
@@ -425,15 +409,17 @@ def _store(acc, ig, m, lo, address, kind, stochastic, rkey):
 
 
 @numba.njit(inline="always")
-def _add_item(w, table, starts, seeds, coeffs, is_gaussian, stochastic):
+def _add_item(w, table, starts, seeds, coeffs, split, is_gaussian, stochastic):
     """Work item ``w`` of :func:`add_directions`: up to ``CHUNK`` elements of one tensor."""
     t = _tensor_of(starts, w)
     first = (w - starts[t]) * CHUNK
     last = min(table[t, NUMEL], first + CHUNK)
     keys = _keys(seeds, np.uint64(table[t, TMIX]))
     rkey = np.uint64(table[t, RKEY])
-    out, out_kind, src, master = table[t, OUT], table[t, OUT_KIND], table[t, SRC], table[t, MASTER]
+    out, out_kind, src, pert = table[t, OUT], table[t, OUT_KIND], table[t, SRC], table[t, PERT]
+    write_out = split > 0 or src != 0  # with no update and no source, out keeps its value and is only read
     acc = np.empty(BLOCK, dtype=np.float32)
+    more = np.empty(BLOCK, dtype=np.float32)
     ig = np.empty(BLOCK, dtype=np.uint64)
     g = np.empty(BLOCK, dtype=np.float32)
     doubtful = np.empty(BLOCK, dtype=np.bool_)
@@ -442,40 +428,45 @@ def _add_item(w, table, starts, seeds, coeffs, is_gaussian, stochastic):
         for j in range(m):
             ig[j] = counter(lo + j)
             acc[j] = 0.0
-        _accumulate(acc, ig, m, keys, coeffs, is_gaussian, g, doubtful)
+        _accumulate(acc, ig, m, keys[:split], coeffs[:split], is_gaussian, g, doubtful)
         if src != 0:
             _add_source(acc, m, lo, src, table[t, SRC_KIND])
-        elif master != 0:
-            _add_master(acc, m, lo, out, master, out_kind)
         else:
             _add_source(acc, m, lo, out, out_kind)
-        if master != 0:
-            mv = numba.carray(ptr_f32(master + 4 * lo), m)
+        if write_out:
+            _store(acc, ig, m, lo, out, out_kind, stochastic, rkey)
+            if out_kind != F32:
+                _load(acc, m, lo, out, out_kind)  # the perturbation starts from the value as stored
+        if pert != 0:
             for j in range(m):
-                mv[j] = acc[j]
-        _store(acc, ig, m, lo, out, out_kind, stochastic, rkey)
+                more[j] = 0.0
+            _accumulate(more, ig, m, keys[split:], coeffs[split:], is_gaussian, g, doubtful)
+            for j in range(m):
+                more[j] = acc[j] + more[j]
+            _store(more, ig, m, lo, pert, out_kind, False, rkey)
 
 
 @numba.njit(parallel=True, cache=True)
-def add_directions(table, starts, seeds, coeffs, is_gaussian, stochastic):  # pragma: no cover - compiled
-    """For every tensor ``t``: ``out_t = src_t + sum_k coeffs[k] * D(seeds[k], t)``, multithreaded.
+def add_directions(table, starts, seeds, coeffs, split, is_gaussian, stochastic):  # pragma: no cover - compiled
+    """For every tensor ``t``: ``out_t = src_t + sum_{k < split} c_k D(seed_k, t)``, and ``pert_t`` from it.
 
     ``table`` has one row per tensor (columns ``OUT .. RKEY``). ``src_t`` is the
-    ``SRC`` tensor when its address is not 0, else the master copy (``MASTER``,
-    16-bit outputs only), else ``out_t`` itself. A master receives the float32
-    result before it is rounded into ``out_t``. ``starts`` is the prefix sum of
-    ``ceil(numel / CHUNK)``; ``TMIX`` and ``RKEY`` are the per-tensor stream salt
-    and stochastic-rounding key.
+    ``SRC`` tensor when its address is not 0, else ``out_t`` itself. When ``PERT``
+    is not 0, ``pert_t = out_t + sum_{k >= split} c_k D(seed_k, t)`` is written
+    too (rounded to nearest, from ``out_t`` as stored); otherwise ``split`` is the
+    number of seeds. ``starts`` is the prefix sum of ``ceil(numel / CHUNK)``;
+    ``TMIX`` and ``RKEY`` are the per-tensor stream salt and stochastic-rounding key
+    (used for ``out_t`` only).
     """
     for w in numba.prange(starts[-1]):
-        _add_item(w, table, starts, seeds, coeffs, is_gaussian, stochastic)
+        _add_item(w, table, starts, seeds, coeffs, split, is_gaussian, stochastic)
 
 
 @numba.njit(cache=True)
-def add_directions_serial(table, starts, seeds, coeffs, is_gaussian, stochastic):  # pragma: no cover
+def add_directions_serial(table, starts, seeds, coeffs, split, is_gaussian, stochastic):  # pragma: no cover
     """:func:`add_directions` on the calling thread (small work: no thread wake-up)."""
     for w in range(starts[-1]):
-        _add_item(w, table, starts, seeds, coeffs, is_gaussian, stochastic)
+        _add_item(w, table, starts, seeds, coeffs, split, is_gaussian, stochastic)
 
 
 @numba.njit(inline="always")

@@ -262,13 +262,15 @@ def _stochastic16(v, r, KIND: tl.constexpr):
 
 # -- kernels ---------------------------------------------------------------------------
 @triton.jit
-def _add_kernel(args, T, K, tab,
-                OUT: tl.constexpr, SRC: tl.constexpr, MASTER: tl.constexpr, GAUSSIAN: tl.constexpr,
+def _add_kernel(args, T, K, SPLIT, tab,
+                OUT: tl.constexpr, SRC: tl.constexpr, PERT: tl.constexpr, GAUSSIAN: tl.constexpr,
                 STOCHASTIC: tl.constexpr, SEARCH: tl.constexpr, BLOCK: tl.constexpr, SUBS: tl.constexpr):
     """``cpu.add_directions`` for one group of tensors, ``BLOCK * SUBS`` elements per program.
 
-    ``args`` (int64) holds rows (out, src, master, numel, tmix, rkey) of T entries,
-    then ``starts`` (T + 1), the K seeds and the K coefficients' float32 bits.
+    ``args`` (int64) holds rows (out, src, pert, numel, tmix, rkey) of T entries,
+    then ``starts`` (T + 1), the K seeds and the K coefficients' float32 bits. Seeds
+    ``< SPLIT`` update ``out``; with ``PERT``, seeds ``>= SPLIT`` make the perturbed
+    copy from ``out`` as stored.
     """
     starts = args + 6 * T
     seeds = starts + T + 1
@@ -285,27 +287,37 @@ def _add_kernel(args, T, K, tab,
             mask = offs < n
             ig = (offs.to(tl.uint64) + 1) * 0x9E3779B97F4A7C15
             acc = tl.zeros([BLOCK], dtype=tl.float32)
-            for k in range(K):
+            for k in range(SPLIT):
                 key = _mix64(tl.load(seeds + k).to(tl.uint64, bitcast=True) ^ tmix)
                 c = tl.load(coeffs + k).to(tl.int32).to(tl.float32, bitcast=True)
                 acc += _direction(_mix64(key + ig), c, tab, GAUSSIAN)
             if SRC != -1:
                 v = _load_f32(tl.load(args + T + t), offs, mask, SRC) + acc
-            elif MASTER:
-                m = tl.load(tl.load(args + 2 * T + t).to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
-                stored = tl.load(out.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0)
-                v = tl.where(_round16(m, OUT) == stored, m, _load_f32(out, offs, mask, OUT)) + acc
             else:
                 v = _load_f32(out, offs, mask, OUT) + acc
-            if MASTER:
-                tl.store(tl.load(args + 2 * T + t).to(tl.pointer_type(tl.float32)) + offs, v, mask=mask)
-            if OUT == 0:
-                tl.store(out.to(tl.pointer_type(tl.float32)) + offs, v, mask=mask)
-            elif STOCHASTIC:
-                r = _mix64(tl.load(args + 5 * T + t).to(tl.uint64, bitcast=True) + ig)
-                tl.store(out.to(tl.pointer_type(tl.int16)) + offs, _stochastic16(v, r, OUT), mask=mask)
-            else:
-                tl.store(out.to(tl.pointer_type(tl.int16)) + offs, _round16(v, OUT), mask=mask)
+            if SPLIT > 0 or SRC != -1:  # else out keeps its value and is only read
+                if OUT == 0:
+                    tl.store(out.to(tl.pointer_type(tl.float32)) + offs, v, mask=mask)
+                else:
+                    if STOCHASTIC:
+                        r = _mix64(tl.load(args + 5 * T + t).to(tl.uint64, bitcast=True) + ig)
+                        h = _stochastic16(v, r, OUT)
+                    else:
+                        h = _round16(v, OUT)
+                    tl.store(out.to(tl.pointer_type(tl.int16)) + offs, h, mask=mask)
+                    v = _f16_bits_to_f32(h.to(tl.uint16, bitcast=True).to(tl.uint32), OUT)  # as stored
+            if PERT:
+                more = tl.zeros([BLOCK], dtype=tl.float32)
+                for k in range(SPLIT, K):
+                    key = _mix64(tl.load(seeds + k).to(tl.uint64, bitcast=True) ^ tmix)
+                    c = tl.load(coeffs + k).to(tl.int32).to(tl.float32, bitcast=True)
+                    more += _direction(_mix64(key + ig), c, tab, GAUSSIAN)
+                p = v + more
+                pert = tl.load(args + 2 * T + t)
+                if OUT == 0:
+                    tl.store(pert.to(tl.pointer_type(tl.float32)) + offs, p, mask=mask)
+                else:
+                    tl.store(pert.to(tl.pointer_type(tl.int16)) + offs, _round16(p, OUT), mask=mask)
 
 
 @triton.jit
@@ -366,19 +378,19 @@ def _check(space: "DirectionSpace", j: int) -> torch.Tensor:
     return t
 
 
-def add_directions(space: "DirectionSpace", rows: list[int], seeds: np.ndarray, coeffs: np.ndarray,
-                   base) -> None:
-    """``DirectionSpace.add_`` for the rows whose tensors live on a CUDA device (one launch per group)."""
+def add_directions(space: "DirectionSpace", rows: list[int], seeds: np.ndarray, coeffs: np.ndarray, split: int,
+                   base, out) -> None:
+    """``DirectionSpace.add_`` / ``perturb_into`` for the rows whose tensors live on a CUDA device (one launch per group)."""
     keep: list[torch.Tensor] = []
     groups: dict[tuple, list[tuple[int, torch.Tensor | None]]] = {}
     for j in rows:
         t = _check(space, j)
         src = _source(t, None if base is None else base[j], keep)
-        key = (t.device, _KIND[t.dtype], _NONE if src is None else _KIND[src.dtype], space.masters[j] is not None)
+        key = (t.device, _KIND[t.dtype], _NONE if src is None else _KIND[src.dtype])
         groups.setdefault(key, []).append((j, src))
     stochastic = space.precision == "stochastic"
     cbits = coeffs.view(np.uint32).astype(np.int64)
-    for (device, out_kind, src_kind, has_master), members in groups.items():
+    for (device, out_kind, src_kind), members in groups.items():
         idx = [j for j, _ in members]
         tmix = space._tmix[idx]
         numel = np.array([space.tensors[j].numel() for j in idx], dtype=np.int64)
@@ -389,12 +401,12 @@ def add_directions(space: "DirectionSpace", rows: list[int], seeds: np.ndarray, 
         args = np.concatenate([
             [space.tensors[j].data_ptr() for j in idx],
             [0 if s is None else s.data_ptr() for _, s in members],
-            [0 if space.masters[j] is None else space.masters[j].data_ptr() for j in idx],
+            [0 if out is None else out[j].data_ptr() for j in idx],
             numel, tmix.view(np.int64), rkey.view(np.int64), starts, seeds.view(np.int64), cbits,
         ]).astype(np.int64)
         _add_kernel[(int(starts[-1]),)](
-            torch.from_numpy(args).to(device), len(idx), seeds.size, device_table(device),
-            OUT=out_kind, SRC=src_kind, MASTER=has_master, GAUSSIAN=space.distribution == "gaussian",
+            torch.from_numpy(args).to(device), len(idx), seeds.size, split, device_table(device),
+            OUT=out_kind, SRC=src_kind, PERT=out is not None, GAUSSIAN=space.distribution == "gaussian",
             STOCHASTIC=stochastic and out_kind != 0, SEARCH=_search_steps(len(idx)), BLOCK=BLOCK, SUBS=SUBS,
             num_warps=4, enable_fp_fusion=False,
         )

@@ -1,22 +1,21 @@
-"""How 16-bit tensors keep the small updates of zeroth-order training.
+"""How results are stored into 16-bit tensors.
 
 A FedKSeed step moves a weight by ``lr * g * z``, about 1e-7 to 1e-5, while a
 bfloat16 weight of magnitude 0.02 has a spacing of 1.2e-4: rounded to nearest,
-almost every update rounds away, and perturbing by ``+eps`` then ``-eps`` does
-not come back to the same weight. Three storage modes, chosen per
-:class:`~fedseed.directions.DirectionSpace`:
+almost every such update rounds away (see :func:`lost_fraction`). Two storage
+modes, chosen per :class:`~fedseed.directions.DirectionSpace`:
 
 * ``"nearest"``: round every result to nearest even (what a plain ``w.add_`` does).
-  Updates below half a spacing are lost; see :func:`lost_fraction`.
-* ``"stochastic"``: round up with probability equal to the dropped fraction. The
-  expected weight is right, but each rounding adds noise of the order of the
-  spacing, which after hundreds of perturb/restore passes outweighs the updates.
-  Its random bits come from the seeds and coefficients of the call, so replays
-  are deterministic.
-* ``"master"``: keep a float32 master copy of every 16-bit tensor; results are
-  computed from and stored to the master, and the 16-bit tensor is its rounding.
-  The master follows a float32 run bit for bit (same float32 operations); it costs
-  4 bytes per 16-bit parameter. Float32 tensors never get a master.
+  A rebuild ``w = w0 + sum_k C_k z_k`` sums in float32 and rounds once, so it loses
+  nothing that a 16-bit model can hold.
+* ``"stochastic"``: round up with probability equal to the dropped fraction, so a
+  local update is right in expectation however small. Its random bits come from
+  the seeds and coefficients of the call, so replays are deterministic.
+
+Neither keeps a float32 copy of the model: a zeroth-order step never perturbs the
+weights in place (``DirectionSpace.perturb_into`` writes the perturbed copy of one
+module at a time elsewhere), so there is nothing to restore, and the next sync
+rebuilds the exact global model from the base weights and the per-seed totals.
 """
 
 from __future__ import annotations
@@ -28,8 +27,8 @@ import torch
 
 from fedseed.directions.generator import GOLDEN, _mix64_array
 
-Precision = Literal["nearest", "stochastic", "master"]
-PRECISIONS: tuple[str, ...] = ("nearest", "stochastic", "master")
+Precision = Literal["nearest", "stochastic"]
+PRECISIONS: tuple[str, ...] = ("nearest", "stochastic")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 ROUNDING_SALT = np.uint64(0x5D0C4A57E1A0B3C9)
 

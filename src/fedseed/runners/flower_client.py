@@ -111,7 +111,7 @@ def _experiment(cfg: Any) -> Any:
     if key not in _DATA:
         _DATA.clear()
         _DATA[key] = prepare_data(cfg, tokenizer)
-    return Experiment(cfg, LocalModel.wrap(module), tokenizer, _DATA[key], content_hash(module))
+    return Experiment(cfg, LocalModel.wrap(module, cfg.model.name_or_path), tokenizer, _DATA[key], content_hash(module))
 
 
 def handle_train(msg: Message, context: Context) -> Message:

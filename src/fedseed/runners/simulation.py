@@ -75,14 +75,15 @@ class Expected:
     """What the server knows an honest reply of this round must say, beyond the algorithm's own checks."""
 
     fingerprint: int  # of the global model the round's tasks are made from; 0: not checked
-    examples: list[int]  # training examples of each client: its aggregation weight
+    examples: dict[int, int] | None  # training examples of each client, its aggregation weight (None: not known)
 
 
 def expected(exp: Experiment, server: Algorithm, evaluator: Algorithm) -> Expected:
     """Sync the runner's own copy to the latest global model and fingerprint it, the way every client will."""
     sync_to_latest(exp, server, evaluator)
     fingerprint = exp.model.fingerprint(exp.config.run.seed, server.committed, exp.config.robust.fingerprint_samples)
-    return Expected(fingerprint, [len(examples) for examples in exp.data.clients])
+    known = {c: len(examples) for c, examples in exp.data.clients.items()} if exp.data.partition else None
+    return Expected(fingerprint, known)
 
 
 def ledger_header(exp: Experiment, algo: Algorithm) -> LedgerHeader:
@@ -121,7 +122,7 @@ def accept(server: Algorithm, task: Any, c: int, up: bytes, result: RoundResult,
             raise InvalidReply(f"duplicate reply of client {c} for round {result.round} (the first one is kept)")
         reply = wire.decode(up, server.Reply)
         server.check(reply, task)
-        if reply.num_examples != expect.examples[c]:
+        if expect.examples is not None and reply.num_examples != expect.examples[c]:
             raise InvalidReply(f"`num_examples` is {reply.num_examples}, but client {c} holds "
                                f"{expect.examples[c]} training examples")
     except (wire.WireError, InvalidReply) as e:
