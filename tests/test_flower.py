@@ -34,11 +34,12 @@ from conftest import REPO, run_simulation, small_config, torch_threads  # noqa: 
 from fedseed import wire  # noqa: E402
 from fedseed.algorithms import build_algorithm  # noqa: E402
 from fedseed.config import ConfigError, load_config  # noqa: E402
-from fedseed.experiment import prepare  # noqa: E402
+from fedseed.data.writers import write_examples  # noqa: E402
+from fedseed.experiment import heldout_examples, prepare  # noqa: E402
 from fedseed.ledger import Ledger  # noqa: E402
 from fedseed.runfolder import RunFolder  # noqa: E402
 from fedseed.runners import flower_app  # noqa: E402
-from fedseed.runners.flower_client import CACHE_FILE, NodeCache  # noqa: E402
+from fedseed.runners.node import CACHE_FILE, NodeCache  # noqa: E402
 from fedseed.runners.flower_config import (  # noqa: E402
     flower_run_config,
     from_run_config,
@@ -126,7 +127,9 @@ class LoopbackGrid(Grid):
         return [self.answers.pop(k) for k in ready]
 
     def send_and_receive(self, messages, *, timeout=None):
-        raise NotImplementedError("fedseed's ServerApp pushes and pulls")
+        """What Flower's generic strategy loop uses: push everything, return every answer."""
+        ids = [mid for mid in self.push_messages(list(messages)) if mid]
+        return self.pull_messages(ids)
 
 
 def nodes(num_clients: int, root: Path, run_config: dict[str, Any]) -> dict[int, Context]:
@@ -172,10 +175,16 @@ def flower_run(cfg: dict[str, Any], root: Path, grid: LoopbackGrid | None = None
 
 def config(out: Path, algorithm: dict[str, Any], rounds: int = 2, per_round: int = 2, evaluate: bool = False
            ) -> dict[str, Any]:
-    """Three clients; held-out evaluation only after the last round unless ``evaluate``."""
+    """Three clients; held-out evaluation only after the last round unless ``evaluate``.
+
+    The server evaluates on its own file of held-out examples (``data.eval_path``,
+    what ``fedseed partition`` writes): it reads no client's training data.
+    """
     every = {} if evaluate else {"every": 1000, "before": False}
-    return small_config(out, algorithm, federation={"num_clients": 3, "clients_per_round": per_round, "rounds": rounds},
-                        eval={"loss_examples": 8, "generate_examples": 2, "max_new_tokens": 4, **every})
+    cfg = small_config(out, algorithm, federation={"num_clients": 3, "clients_per_round": per_round, "rounds": rounds},
+                       eval={"loss_examples": 8, "generate_examples": 2, "max_new_tokens": 4, **every})
+    heldout = write_examples("dolly", heldout_examples(load_config(cfg)), out.parent / f"{out.name}-eval")
+    return {**cfg, "data": {**cfg["data"], "eval_path": str(heldout)}}
 
 
 def ledger_frames(out: Path) -> list[bytes]:
@@ -284,7 +293,7 @@ def test_node_whose_cached_copy_drifted_is_resynced_from_the_ledger(tmp_path):
             name = sorted(tensors)[0]
             raw = tensors[name].view(-1).view(torch.int32)
             raw ^= 1 << 22  # one mantissa bit of every element: a faulty memory or disk, silently
-            save_file(tensors, cache, metadata=NodeCache(cache.parent)._metadata())
+            save_file(tensors, cache, metadata={"run": read_instruction(ins).run, "position": "1"})
         return [answer]
 
     grid.tamper = flip_a_bit
@@ -440,3 +449,171 @@ def test_node_config_says_who_the_node_is_and_only_local_paths():
         node_settings({"cache-dir": "/tmp/c"})
     with pytest.raises(ConfigError, match="node-config `algorithm.lr` would change the experiment on one node"):
         node_settings({"partition-id": 0, "algorithm.lr": 1.0})
+
+
+# -- deployment: every node its own data, clients that come and go, pinned identities ---------
+
+
+def own_data_nodes(cfg: dict[str, Any], root: Path, rc: dict[str, Any]) -> dict[int, Context]:
+    """One node per client, each with only its own file of ``fedseed partition``'s output."""
+    from fedseed.experiment import write_partition
+
+    files, _ = write_partition(load_config(cfg), root / "partition")
+    contexts = nodes(len(files), root, rc)
+    for c, ctx in enumerate(contexts.values()):
+        ctx.node_config["data.path"] = str(files[c])
+    return contexts
+
+
+def test_nodes_with_only_their_own_files_give_the_in_process_ledger(tmp_path):
+    cfg = config(tmp_path / "flower", FEDKSEED, rounds=2, evaluate=True)
+    rc = run_config(cfg)
+    grid = LoopbackGrid(own_data_nodes(cfg, tmp_path, rc))
+    server_cfg = {**cfg, "data": {**cfg["data"], "path": str(tmp_path / "the-server-has-no-training-data")}}
+    flower_run(server_cfg, tmp_path, grid)  # the ServerApp never opens data.path
+    _, reference, _ = run_simulation({**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "inproc")}})
+    assert RunFolder(tmp_path / "flower").ledger_path.read_bytes() == reference.ledger_path.read_bytes()
+    rows = [r for r in RunFolder(tmp_path / "flower").metrics() if r["round"] > 0]
+    assert [r["eval_loss"] for r in rows] == [r["eval_loss"] for r in reference.metrics() if r["round"] > 0]
+    assert not (tmp_path / "flower" / "partition.json").exists()  # nobody partitioned anything
+
+
+def test_answers_carry_loss_and_examples_as_a_metric_record(tmp_path):
+    cfg = config(tmp_path / "run", FEDKSEED, rounds=1)
+    grid = flower_run(cfg, tmp_path)
+    answers = [flower_app.client(_roundtrip(m, "x"), grid.contexts[m.metadata.dst_node_id])
+               for m in grid.sent if m.metadata.message_type == "train"]
+    for answer in answers:
+        metrics = answer.content["metrics"]
+        reply = wire.decode(read_answer(answer).frame)
+        assert metrics["num-examples"] == reply.num_examples and metrics["loss"] == pytest.approx(reply.loss)
+
+
+def test_a_second_node_claiming_a_pinned_client_is_refused(tmp_path):
+    cfg = config(tmp_path / "run", FEDKSEED, rounds=2, per_round=2)
+    rc = run_config(cfg)
+    contexts = nodes(3, tmp_path, rc)
+    intruder = NODE_BASE + 99
+    contexts[intruder] = Context(run_id=1, node_id=intruder, state=RecordDict(), run_config=dict(rc),
+                                 node_config={"partition-id": 0, "cache-dir": str(tmp_path / "intruder")})
+    grid = LoopbackGrid(contexts)
+    flower_run(cfg, tmp_path, grid)
+    rows = [r for r in RunFolder(tmp_path / "run").metrics() if r["round"] > 0]
+    assert all(r["nodes"].get("0", NODE_BASE) == NODE_BASE for r in rows)  # client 0's tasks went to its first node
+    assert not [m for m in grid.sent if m.metadata.dst_node_id == intruder and m.metadata.message_type == "train"]
+    assert "belongs to node 1000" in rows[-1]["refused_nodes"][str(intruder)]
+
+
+def test_rounds_sample_among_connected_clients_and_replace_a_vanished_one(tmp_path):
+    cfg = small_config(tmp_path / "run", FEDKSEED, federation={"num_clients": 4, "clients_per_round": 2, "rounds": 3},
+                       eval={"every": 1000, "before": False, "loss_examples": 4, "generate_examples": 1,
+                             "max_new_tokens": 2})
+    rc = run_config(cfg, grace=0.5, round_timeout=20.0, min_clients=2)
+    contexts = nodes(4, tmp_path, rc)
+    del contexts[NODE_BASE + 3]  # client 3 never connects: the run starts with the three that did
+    grid = LoopbackGrid(contexts)
+    sampled: list[list[int]] = []
+
+    def vanish(ins: Message, answer: Message) -> list[Message]:
+        rnd = ins.content["fedseed"].get("round")
+        if rnd == 1 and ins.metadata.message_type == "train":
+            sampled.append(ins.content["fedseed"]["client"])
+        if rnd == 1 and len(sampled) == 2:  # after round 1 one sampled client's node is gone for good
+            grid.contexts.pop(NODE_BASE + sampled[0], None)
+        return [answer]
+
+    grid.tamper = vanish
+    flower_run(cfg, tmp_path, grid, grace=0.5, round_timeout=20.0, min_clients=2)
+    rows = [r for r in RunFolder(tmp_path / "run").metrics() if r["round"] > 0]
+    assert rows[0]["connected"] == [0, 1, 2] and set(rows[0]["clients"]) <= {0, 1, 2}
+    assert all(3 not in r["clients"] for r in rows)
+    gone = sampled[0]
+    later = [r for r in rows[1:] if gone in r["clients"]]
+    for r in later:  # sampled while gone: replaced after the grace period, by a client not in the round
+        assert r["replaced"] and int(next(iter(r["replaced"]))) == gone
+        assert len(r["accepted"]) == 2 and gone not in r["accepted"]
+    assert all(len(r["accepted"]) == 2 for r in rows)
+    assert all(r["seconds"] < 15 for r in rows)  # the grace period, not the round timeout
+    assert ledger_frames(tmp_path / "run") == expected_frames(cfg, [r["accepted"] for r in rows])
+
+
+# -- the resident worker -------------------------------------------------------------------------
+
+
+def start_worker(socket_path: Path, log: Path):
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "fedseed.cli", "worker", "--socket", str(socket_path)],
+                            stdout=open(log, "a"), stderr=subprocess.STDOUT, env={**__import__("os").environ,
+                                                                                   "OMP_NUM_THREADS": "1"})
+    for _ in range(200):
+        if socket_path.exists():
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no worker socket at {socket_path}: {log.read_text()}")
+
+
+def test_a_resident_worker_trains_and_a_killed_one_is_caught_up(tmp_path):
+    """Node 0's rounds go to its worker; killed after round 1, the ClientApp works alone; restarted, it is resent."""
+    import stat
+
+    cfg = config(tmp_path / "run", FERRET, rounds=4, per_round=3)
+    rc = run_config(cfg)
+    contexts = nodes(3, tmp_path, rc)
+    sock = tmp_path / "w0" / "worker.sock"
+    contexts[NODE_BASE].node_config["worker"] = str(sock)
+    log = tmp_path / "worker.log"
+    workers = [start_worker(sock, log)]
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600 and stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    grid = LoopbackGrid(contexts)
+
+    def lifecycle(ins: Message, answer: Message) -> list[Message]:
+        head = ins.content["fedseed"]
+        if ins.metadata.dst_node_id == NODE_BASE and ins.metadata.message_type == "train":
+            if head["round"] == 1:
+                workers[-1].kill()  # the worker dies with round 1's copy in its memory
+                workers[-1].wait()
+            if head["round"] == 2:
+                workers.append(start_worker(sock, log))  # back, empty: round 3 finds it holds nothing
+        return [answer]
+
+    grid.tamper = lifecycle
+    try:
+        flower_run(cfg, tmp_path, grid)
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
+    served = [line for line in log.read_text().splitlines() if "round" in line]
+    assert served[0].startswith("fedseed worker: round 1 client 0 since 0: trained")
+    assert any("round 3 client 0 since 1: stale, holds 0" in line for line in served)  # restarted: nothing in memory
+    assert any("round 3 client 0 since 0: trained" in line for line in served)  # resent from the base
+    assert any("round 4 client 0 since 2: trained" in line for line in served)  # resident again: only round 3 sent
+    rows = [r for r in RunFolder(tmp_path / "run").metrics() if r["round"] > 0]
+    assert all(r["accepted"] == [0, 1, 2] for r in rows)
+    assert ledger_frames(tmp_path / "run") == expected_frames(cfg, [[0, 1, 2]] * 4)
+
+
+# -- the Strategy a Flower user mounts ---------------------------------------------------------
+
+
+def test_the_strategy_gives_the_in_process_ledger_in_its_own_loop_and_in_flowers(tmp_path):
+    from flwr.app import ArrayRecord
+    from flwr.serverapp.strategy import Strategy
+
+    from fedseed.runners.flower_strategy import FedSeedStrategy
+
+    ledgers = []
+    for name, drive in [("own", lambda s, g: s.start(g)),
+                        ("flower", lambda s, g: Strategy.start(s, g, ArrayRecord(), num_rounds=2, timeout=30))]:
+        cfg = config(tmp_path / name, FEDKSEED, rounds=2, evaluate=True)
+        rc = run_config(cfg)
+        strategy = FedSeedStrategy(rc)
+        assert isinstance(strategy, Strategy)
+        drive(strategy, LoopbackGrid(nodes(3, tmp_path / f"{name}-nodes", rc)))
+        ledgers.append(RunFolder(tmp_path / name).ledger_path.read_bytes())
+    _, reference, _ = run_simulation({**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "inproc")}})
+    assert ledgers[0] == ledgers[1] == reference.ledger_path.read_bytes()

@@ -185,8 +185,14 @@ def loopback(tmp_path) -> Iterator[Loopback]:
 
 
 def write_run_config(path: Path, out: Path, clients: int, rounds: int, algorithm: dict[str, Any],
-                     **flower: Any) -> dict[str, Any]:
-    """A fedseed config plus its [flower] settings, as one `--run-config` file; returns the fedseed part."""
+                     simulation: bool = False, **flower: Any) -> tuple[dict[str, Any], Path]:
+    """A fedseed config, its partition (one file per node, as ``fedseed partition`` writes) and a run-config.
+
+    Returns the in-process config (which partitions the whole data set itself) and the
+    folder of per-node files. The run-config the server gets names no training data it
+    could read (unless ``simulation``): each node brings its own file, the server has
+    only the held-out set.
+    """
     cfg = {
         "run": {"output_dir": str(out), "seed": 7},
         "model": {"name_or_path": str(STORIES)},
@@ -196,8 +202,18 @@ def write_run_config(path: Path, out: Path, clients: int, rounds: int, algorithm
         "algorithm": algorithm,
         "eval": {"every": 1000, "before": False, "loss_examples": 8, "generate_examples": 2, "max_new_tokens": 4},
     }
-    path.write_text(to_toml({**cfg, "flower": {"startup_timeout": 90.0, **flower}}))
-    return cfg
+    parts = path.parent / "parts"
+    from fedseed.config import load_config
+    from fedseed.experiment import write_partition
+
+    _, eval_file = write_partition(load_config(cfg), parts)
+    cfg["data"]["eval_path"] = str(eval_file)
+    if simulation:  # Flower's Ray engine: no node has files of its own, each partitions the run's data set
+        served = cfg
+    else:
+        served = {**cfg, "data": {**cfg["data"], "path": str(path.parent / "no-training-data-on-the-server")}}
+    path.write_text(to_toml({**served, "flower": {"startup_timeout": 90.0, **flower}}))
+    return cfg, parts
 
 
 def expected(cfg: dict[str, Any], accepted: list[list[int]]) -> list[bytes]:
@@ -212,24 +228,33 @@ def rows(out: Path) -> list[dict[str, Any]]:
 
 
 def test_deployment_survives_a_killed_node_that_rejoins_and_catches_up(loopback, tmp_path):
-    loopback.script("flower-start.sh", "3")
+    """Every node trains on its own file and the server has none; a node dies and rejoins, a worker dies and restarts."""
     out = tmp_path / "run"
-    cfg = write_run_config(tmp_path / "run.toml", out, clients=3, rounds=3, algorithm=FEDKSEED, round_timeout=40.0)
+    cfg, parts = write_run_config(tmp_path / "run.toml", out, clients=3, rounds=4, algorithm=FEDKSEED,
+                                  round_timeout=40.0, pin_nodes=False)  # unauthenticated: a new node id on restart
+    loopback.script("flower-start.sh", "3", PARTS=str(parts))
     run = loopback.launch("loopback", tmp_path / "run.toml")
     loopback.wait("loopback", run, until=lambda: len(rows(out)) >= 1)
-    first_node = loopback.pid("supernode1")
-    loopback.kill_tree(first_node)  # SIGKILL mid-run: the SuperLink keeps listing it for up to a minute
+    loopback.kill_tree(loopback.pid("supernode1"))  # SIGKILL mid-run: the SuperLink keeps listing it for up to a minute
+    loopback.kill_tree(loopback.pid("worker1"))  # the whole machine: its worker too
+    loopback.kill_tree(loopback.pid("worker2"))  # node 2 only loses its worker: its ClientApps work alone
     loopback.wait("loopback", run, until=lambda: len(rows(out)) >= 2)
-    loopback.script("flower-node.sh", "1")  # the node comes back: new node id, same partition and cache
-    loopback.wait("loopback", run, until=lambda: len(rows(out)) >= 3)
+    loopback.script("flower-node.sh", "1", PARTS=str(parts))  # back: new node id, same data file and cache
+    socket2 = loopback.dir / "nodes" / "2" / "worker.sock"
+    socket2.unlink(missing_ok=True)
+    loopback.start([str(VENV_BIN / "fedseed"), "worker", "--socket", str(socket2)], loopback.dir / "logs" / "worker2.log")
+    loopback.wait("loopback", run, until=lambda: len(rows(out)) >= 4)
     status = loopback.wait("loopback", run, every=1)
     assert status["status"] == "finished:completed", status["status-details"]
     table = rows(out)
-    assert [r["round"] for r in table] == [1, 2, 3], [r["dropped"] for r in table]
+    assert [r["round"] for r in table] == [1, 2, 3, 4], [r["dropped"] for r in table]
     assert table[0]["accepted"] == [0, 1, 2]
     assert table[1]["accepted"] == [0, 2] and "1" in table[1]["dropped"]  # the others carried on
-    assert table[2]["accepted"] == [0, 1, 2]  # it rejoined ...
+    assert table[2]["accepted"] == table[3]["accepted"] == [0, 1, 2]  # it rejoined ...
     assert table[2]["nodes"]["1"] != table[0]["nodes"]["1"]  # ... as a new SuperNode
+    served = (loopback.dir / "logs" / "worker2.log").read_text()
+    assert "round 1 client 2" in served and "round 2 client 2" not in served  # round 2 without its worker
+    assert "round 4 client 2" in served  # the restarted worker serves again
     # ... and caught up: its training from the synced model is bit for bit the in-process one
     assert Ledger.open(RunFolder(out).ledger_path).updates == expected(cfg, [r["accepted"] for r in table])
     traffic = status["network-traffic"]
@@ -241,27 +266,48 @@ def test_deployment_survives_a_killed_node_that_rejoins_and_catches_up(loopback,
     print(f"SuperLink counted {traffic}")
 
 
-def test_tls_and_node_authentication(loopback, tmp_path):
-    loopback.script("flower-certs.sh", "2")
-    loopback.script("flower-start.sh", "1", TLS="1")  # registers supernode0's key, starts node 0
+def test_strangers_stay_out(loopback, tmp_path):
+    """TLS, node authentication, the fleet gateway and pinned client ids, against three kinds of stranger."""
+    loopback.script("flower-certs.sh", "3")
     certs = loopback.dir / "certs"
-    stranger = loopback.start(["flower-supernode", "--root-certificates", str(certs / "ca.crt"),
-                               "--auth-supernode-private-key", str(certs / "supernode1"),
-                               "--superlink", f"127.0.0.1:{loopback.port}", "--port", str(loopback.node_port + 5),
-                               "--node-config", "partition-id=0"], tmp_path / "stranger.log")
     out = tmp_path / "run"
-    write_run_config(tmp_path / "run.toml", out, clients=1, rounds=1, algorithm={**FEDKSEED, "local_steps": 5})
+    _, parts = write_run_config(tmp_path / "run.toml", out, clients=1, rounds=3,
+                                algorithm={**FEDKSEED, "local_steps": 5})
+    # the SuperLink on 127.0.0.1 only; nodes reach its Fleet API through the gateway on 127.0.0.2
+    loopback.script("flower-start.sh", "1", TLS="1", GATEWAY="1", PARTS=str(parts))
+    gateway = f"127.0.0.2:{int(loopback.env['FLOWER_PORT']) + 1}"
+    node_args = ["flower-supernode", "--root-certificates", str(certs / "ca.crt"), "--superlink", gateway]
+    # 1. an unregistered key is not admitted at all
+    unregistered = loopback.start([*node_args, "--auth-supernode-private-key", str(certs / "supernode2"),
+                                   "--port", str(loopback.node_port + 5), "--node-config", "partition-id=0"],
+                                  tmp_path / "unregistered.log")
     run = loopback.launch("loopback-tls", tmp_path / "run.toml")
-    loopback.seen |= set(children(stranger.pid))
-    stranger.wait(timeout=120)
-    refusal = (tmp_path / "stranger.log").read_text()
-    assert stranger.returncode != 0 and "Failed to activate SuperNode" in refusal, refusal
+    loopback.seen |= set(children(unregistered.pid))
+    unregistered.wait(timeout=120)
+    refusal = (tmp_path / "unregistered.log").read_text()
+    assert unregistered.returncode != 0 and "Failed to activate SuperNode" in refusal, refusal
     loopback.wait("loopback-tls", run, until=lambda: len(rows(out)) >= 1)
+    # 2. a registered node claiming the client another node holds gets no task
+    registered = loopback.flwr("supernode", "register", str(certs / "supernode1.pub"), "loopback-tls")
+    assert registered.get("success"), registered
+    claimant = loopback.start([*node_args, "--auth-supernode-private-key", str(certs / "supernode1"),
+                               "--port", str(loopback.node_port + 6), "--node-config",
+                               f"partition-id=0 data.path=\"{sorted(parts.glob('client-000*'))[0]}\" "
+                               f"cache-dir=\"{tmp_path / 'claimant'}\""], tmp_path / "claimant.log")
     status = loopback.wait("loopback-tls", run, every=1)
     assert status["status"] == "finished:completed", status["status-details"]
-    assert Ledger.open(RunFolder(out).ledger_path).rounds == 1
-    insecure = loopback.flwr("ls", "loopback")  # the same SuperLink without TLS: refused
-    assert not insecure["success"]
+    table = rows(out)
+    assert [r["round"] for r in table] == [1, 2, 3] and all(r["accepted"] == [0] for r in table)
+    owner = table[0]["nodes"]["0"]
+    assert all(r["nodes"]["0"] == owner for r in table)
+    refused = table[-1]["refused_nodes"]
+    assert any(f"belongs to node {owner}" in why for why in refused.values()), (refused, claimant.pid)
+    # 3. through the address the nodes use, nobody reaches the Control API: no runs listed, no key registered
+    assert not loopback.flwr("ls", "gateway").get("success")
+    assert not loopback.flwr("supernode", "register", str(certs / "supernode2.pub"), "gateway").get("success")
+    assert loopback.flwr("ls", "loopback-tls")["success"]  # the operator, on the SuperLink's own host, can
+    assert not loopback.flwr("ls", "loopback")["success"]  # and never without TLS
+    assert Ledger.open(RunFolder(out).ledger_path).rounds == 3
 
 
 def test_one_line_simulation_with_ray(loopback, tmp_path):
@@ -272,7 +318,8 @@ def test_one_line_simulation_with_ray(loopback, tmp_path):
     home.mkdir(parents=True)
     (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
     out = tmp_path / "run"
-    cfg = write_run_config(tmp_path / "run.toml", out, clients=2, rounds=1, algorithm={**FEDKSEED, "local_steps": 5})
+    cfg, _ = write_run_config(tmp_path / "run.toml", out, clients=2, rounds=1, algorithm={**FEDKSEED, "local_steps": 5},
+                              simulation=True)
     try:
         run = loopback.launch("local", tmp_path / "run.toml", "--federation-config", "num-supernodes=2")
         loopback.wait("local", run, until=lambda: len(rows(out)) >= 1)

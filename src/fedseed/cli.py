@@ -158,6 +158,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_partition(args: argparse.Namespace) -> int:
+    from fedseed.experiment import write_partition
+
+    cfg = load_config(args.config, args.set)
+    out = Path(args.out)
+    files, eval_file = write_partition(cfg, out)
+    print(f"wrote {len(files)} client files and the held-out set to {out}:")
+    for c, f in enumerate(files):
+        print(f"  client {c}: {f}    node-config: partition-id={c} data.path=\"{f}\"")
+    print(f"  held-out: {eval_file}    server run-config: data.eval_path = \"{eval_file}\"")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedseed", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -184,13 +197,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated method names")
     cmp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a base value")
     cmp.set_defaults(fn=cmd_compare)
+    part = sub.add_parser("partition", help="write each client's share of CONFIG's data set as a file of its own "
+                                            "(and the held-out set), to hand to the data owners of a deployment")
+    part.add_argument("config", help="experiment TOML file: data, partition, federation.num_clients, run.seed")
+    part.add_argument("--out", required=True, help="folder for client-000.*, client-001.*, ..., eval.*")
+    part.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")
+    part.set_defaults(fn=cmd_partition)
     from fedseed.runners.flower_config import add_flower_config_command
+    from fedseed.runners.fleet_gateway import add_gateway_command
+    from fedseed.runners.worker import add_worker_command
 
     add_flower_config_command(sub)
+    add_worker_command(sub)
+    add_gateway_command(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedseed.memory import return_freed_memory
+
+    return_freed_memory()
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

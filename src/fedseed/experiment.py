@@ -9,7 +9,10 @@ is what makes an interrupted run resume to the identical model.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 
 from fedseed.algorithms import Algorithm, build_algorithm
@@ -31,6 +34,7 @@ from fedseed.data import (
     tokenize_examples,
 )
 from fedseed.data.loaders import SST2_LABEL_WORDS
+from fedseed.data.writers import write_examples
 from fedseed.models import LocalModel, content_hash, load_model
 
 BATCH_TAG = 0xBA7C
@@ -244,3 +248,22 @@ def prepare(cfg: Config) -> Experiment:
     base_hash = content_hash(module)
     return Experiment(cfg, LocalModel.wrap(module, cfg.model.name_or_path), tokenizer, prepare_data(cfg, tokenizer),
                       base_hash)
+
+
+def prepare_server(cfg: Config) -> Experiment:
+    """A deployed server: the model and its own evaluation set (``data.eval_path``), no client's training data."""
+    module, tokenizer = load(cfg)
+    model = LocalModel.wrap(module, cfg.model.name_or_path)
+    return Experiment(cfg, model, tokenizer, server_data(cfg, tokenizer), content_hash(module))
+
+
+def write_partition(cfg: Config, out: Path) -> tuple[list[Path], Path]:
+    """Each client's share of the data set, one file (or folder) per client in the data set's own layout, and the
+    held-out examples: what ``fedseed partition`` hands to the data owners and to the server."""
+    train, heldout = split_examples(cfg)
+    partition = partition_examples(cfg, train)
+    files = [write_examples(cfg.data.dataset, [train[i] for i in idx], out / f"client-{c:03d}")
+             for c, idx in enumerate(partition.clients)]
+    eval_file = write_examples(cfg.data.dataset, heldout, out / "eval", split="test")
+    (out / "partition.json").write_text(json.dumps(partition.to_json()))
+    return files, eval_file

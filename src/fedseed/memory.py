@@ -1,20 +1,45 @@
-"""Measuring a client's peak memory the same way for every method, on CPU or GPU.
+"""Measuring a client's peak memory the same way for every method, and keeping a process's peak low.
 
 On CUDA the allocator's own peak counter is exact. On CPU there is no such
 counter, so torch's profiler records every tensor allocation and free during the
 call and the peak of their running sum is taken. Both count what the call
-allocates *on top of* what already exists (weights, the w0 copy), which is
+allocates *on top of* what already exists (the weights), which is
 where methods differ: activations, gradients, optimizer state, temporaries.
 """
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 128 << 10  # glibc's own starting value, kept fixed
+
 T = TypeVar("T")
+
+
+def return_freed_memory() -> None:
+    """Make the C allocator give freed blocks above 128 KiB back to the system at once.
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32
+    MiB), after which blocks of that size come from the heap and stay resident
+    when freed. A backward pass frees and reallocates activation-sized blocks per
+    layer, so a process's peak resident set grew with the number of layers
+    though it never held more than one layer's activations: measured on FedKRSO
+    in bfloat16, 0.69 bytes per weight byte above inference, 0.06 with the
+    threshold fixed. Fixing it is glibc's documented ``mallopt(M_MMAP_THRESHOLD)``;
+    elsewhere this does nothing. fedseed's entry points call it first.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc (musl): its allocator returns large blocks already
+        pass
 
 
 def resident_bytes(module: torch.nn.Module) -> int:

@@ -58,7 +58,8 @@ class RunFolder:
     def config_path(self) -> Path:
         return self.path / "config.toml"
 
-    def create(self, config: Config, partition: dict[str, Any], overwrite: bool = False) -> None:
+    def create(self, config: Config, partition: dict[str, Any] | None, overwrite: bool = False) -> None:
+        """A fresh run folder; ``partition`` is None where nobody partitions (a deployment: nodes bring their data)."""
         if self.ledger_path.exists() and not overwrite:
             raise FileExistsError(
                 f"{self.path} already holds a run; continue it with `fedseed run --resume {self.path}`, "
@@ -68,7 +69,8 @@ class RunFolder:
         for stale in (self.metrics_path, self.ledger_path):
             stale.unlink(missing_ok=True)
         self.config_path.write_text(to_toml(config.to_dict()))
-        (self.path / "partition.json").write_text(json.dumps(partition))
+        if partition is not None:
+            (self.path / "partition.json").write_text(json.dumps(partition))
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:

@@ -20,20 +20,24 @@ client = ClientApp()
 
 @server.main()
 def serve(grid: Grid, context: Context) -> None:
+    from fedseed.memory import return_freed_memory
     from fedseed.runners.flower_server import serve as run
 
+    return_freed_memory()
     run(grid, context.run_config)
 
 
 @client.train()
 def train(msg: Message, context: Context) -> Message:
-    from fedseed.runners.flower_client import handle_train
+    from fedseed.memory import return_freed_memory
+    from fedseed.runners.flower_client import train_handler
 
-    return handle_train(msg, context)
+    return_freed_memory()
+    return train_handler(msg, context)
 
 
 @client.query()
 def roll_call(msg: Message, context: Context) -> Message:
-    from fedseed.runners.flower_client import handle_roll_call
+    from fedseed.runners.flower_client import roll_call_handler
 
-    return handle_roll_call(msg, context)
+    return roll_call_handler(msg, context)

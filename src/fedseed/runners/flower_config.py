@@ -14,9 +14,10 @@ that table; a test keeps the pyproject equal to it. The ``[flower]`` section hol
 what only a deployment has (round timeout, fewest replies, ...).
 
 Node-config (``flower-supernode --node-config``) says what differs per machine:
-which client the node is (``partition-id``), where it caches its copy of the
-model (``cache-dir``) and, optionally, local paths to the model and data. It can
-never change the experiment itself. This module imports nothing from Flower.
+which client the node is (``partition-id``), its own training data (``data.path``:
+a deployment's node reads only that), where it keeps what it writes
+(``cache-dir``), the resident worker's socket (``worker``) and, optionally, a local
+path to the model and the device. It can never change the experiment itself. This module imports nothing from Flower.
 """
 
 from __future__ import annotations
@@ -44,8 +45,16 @@ class FlowerSettings:
     round_timeout: float = field(default=600.0, metadata={"help": "seconds to wait for a round's replies"})
     min_replies: int = field(default=1, metadata={"help": "fewest accepted replies a round is aggregated from; "
                                                           "fewer stops the run (the ledger keeps every earlier round)"})
-    startup_timeout: float = field(default=120.0, metadata={"help": "seconds to wait for a node of every client "
-                                                                    "before the first round"})
+    startup_timeout: float = field(default=120.0, metadata={"help": "seconds to wait for flower.min_clients "
+                                                                    "connected clients before the first round"})
+    min_clients: int = field(default=0, metadata={"help": "clients with a connected node a round needs to start "
+                                                          "(0 = federation.clients_per_round)"})
+    grace: float = field(default=15.0, metadata={"help": "seconds a sampled client whose node is gone is waited "
+                                                         "for before it is replaced (or dropped)"})
+    replace: bool = field(default=True, metadata={"help": "replace a sampled client whose node is gone by a "
+                                                          "connected client not sampled this round"})
+    pin_nodes: bool = field(default=True, metadata={"help": "a client id belongs to the SuperNode that first "
+                                                            "claimed it; another node claiming it is refused"})
     resume: bool = field(default=True, metadata={"help": "continue the ledger in run.output_dir when it is this "
                                                         "experiment's (same algorithm, hyperparameters, seed, base)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a ledger of another experiment in run.output_dir"})
@@ -57,6 +66,11 @@ class FlowerSettings:
             raise ConfigError(f"`flower.min_replies` must be >= 1, got {self.min_replies!r}")
         if self.startup_timeout < 0:
             raise ConfigError(f"`flower.startup_timeout` must be >= 0 seconds, got {self.startup_timeout!r}")
+        if self.min_clients < 0:
+            raise ConfigError(f"`flower.min_clients` must be >= 0 (0 = federation.clients_per_round), got "
+                              f"{self.min_clients!r}")
+        if not self.grace >= 0:
+            raise ConfigError(f"`flower.grace` must be >= 0 seconds, got {self.grace!r}")
 
 
 @dataclass(frozen=True)
@@ -64,8 +78,14 @@ class NodeSettings:
     """What one SuperNode's ``--node-config`` says."""
 
     client: int  # the fedseed client id this node trains as (``partition-id``)
-    cache_dir: Path  # where the node keeps its synced copy between messages
+    cache_dir: Path  # where the node keeps what it writes: base copies, its synced copy without a worker
     overrides: dict[str, Any]  # ``section.key`` -> local value, only for NODE_LOCAL keys
+    worker: Path  # the resident worker's socket (``fedseed worker``); absent: each message works alone
+
+    @property
+    def own_data(self) -> bool:
+        """Whether the node trains on data of its own (a deployment) rather than a part of the run's (simulation)."""
+        return "data.path" in self.overrides
 
 
 def algorithm_keys() -> list[str]:
@@ -137,15 +157,21 @@ def node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
     cache = node_config.get("cache-dir", str(Path(tempfile.gettempdir()) / "fedseed-flower-cache" / f"client-{client}"))
     if not isinstance(cache, str) or not cache:
         raise ConfigError(f"node-config `cache-dir` must be a quoted path, got {cache!r}")
+    worker = node_config.get("worker", str(Path(cache) / "worker.sock"))
+    if not isinstance(worker, str) or not worker:
+        raise ConfigError(f"node-config `worker` must be the quoted path of `fedseed worker`'s socket, got {worker!r}")
     overrides = {}
     for key, value in node_config.items():
         if "." not in key:
             continue  # partition-id, cache-dir and Flower's own keys (num-partitions)
+        if key == "data.eval_path":
+            raise ConfigError("node-config `data.eval_path` is the server's evaluation data; a node names its own "
+                              "training data as `data.path`")
         if key not in NODE_LOCAL:
             raise ConfigError(f"node-config `{key}` would change the experiment on one node only; node-config may "
                               f"set only {', '.join(NODE_LOCAL)} (local paths); put `{key}` in the run-config")
         overrides[key] = value
-    return NodeSettings(client, Path(cache).expanduser(), overrides)
+    return NodeSettings(client, Path(cache).expanduser(), overrides, Path(worker).expanduser())
 
 
 def flower_run_config(config: str, overrides: list[str]) -> str:

@@ -8,6 +8,7 @@ from Flower data except through :func:`fedseed.wire.decode`.
 
     train instruction   "fedseed": {round, client, since, run, base}   "payload": {"frame": task bytes}
     train answer        "fedseed": {round, client, position}           "payload": {"frame": reply bytes}
+                        "metrics": {loss, num-examples} (what the reply says, as Flower strategies expect)
     stale answer        "fedseed": {round, client, position, stale}    (no payload: the node's copy is not at ``since``)
     roll call (query)   "fedseed": {run}
     presence            "fedseed": {client, position}
@@ -23,14 +24,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedseed import wire
 from fedseed.ledger import LedgerHeader
 
 HEADER = "fedseed"  # the ConfigRecord of plain scalars
 PAYLOAD = "payload"  # the ArrayRecord holding the wire frame
+METRICS = "metrics"  # the reply's loss and example count, for Flower tools that read them
 FRAME = "frame"
 TRAIN = "train"
 ROLL_CALL = "query"
@@ -93,7 +94,11 @@ def answer_message(answer: Answer, reply_to: Message) -> Message:
     if answer.stale:
         header["stale"] = True
         return Message(RecordDict({HEADER: header}), reply_to=reply_to)
-    return Message(RecordDict({HEADER: header, PAYLOAD: _frame(answer.frame)}), reply_to=reply_to)
+    import fedseed.algorithms  # noqa: F401  (registers the reply types with the codec)
+
+    reply = wire.decode(answer.frame)  # every fedseed reply carries its loss and example count
+    metrics = MetricRecord({"loss": float(reply.loss), "num-examples": int(reply.num_examples)})
+    return Message(RecordDict({HEADER: header, PAYLOAD: _frame(answer.frame), METRICS: metrics}), reply_to=reply_to)
 
 
 def roll_call_message(run: str, node_id: int, ttl: float) -> Message:
@@ -163,9 +168,5 @@ def read_presence(msg: Message) -> Presence:
 
 
 def flower_bytes(msg: Message) -> int:
-    """What Flower moves for ``msg``: the serialized sizes of every object it pushes (no HTTP framing).
-
-    Flower sends a message as content-addressed objects (message, records,
-    arrays, 5 MiB array chunks); this sums their deflated sizes.
-    """
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
+    """What Flower counts for ``msg``'s content: each record's ``count_bytes()`` (public API; no HTTP framing)."""
+    return sum(record.count_bytes() for record in msg.content.values())

@@ -6,12 +6,22 @@ in-process runner (it shares ``begin``, ``accept``, ``close_round`` and
 the in-process one. Only the moving differs: each task goes to the SuperNode of
 its client through Flower's Grid, and replies come back when they come.
 
+* The server reads no client's training data: it holds the model and, when
+  ``data.eval_path`` names one, its own evaluation set. Aggregation weights are
+  the example counts nodes declare, bounded by ``robust.max_weight``.
 * Which node is which client is learned by roll call (a Flower ``query``), asked
   of every node the SuperLink lists, again every few seconds; a node that comes
-  back (a new node id for the same client) takes over its client's tasks.
+  back (a new node id for the same client) takes over its client's tasks. With
+  ``flower.pin_nodes`` a client id belongs to the node that first claimed it
+  (kept in the run folder's ``nodes.json``), and another node's claim is refused.
+* Clients come and go: the first round starts once ``flower.min_clients`` have a
+  node, each round samples among the clients connected then (with every client
+  connected exactly as the in-process runner samples), and a sampled client whose
+  node is gone is replaced by an unsampled connected one, or dropped, after
+  ``flower.grace`` seconds, not the whole round timeout.
 * A round waits at most ``flower.round_timeout``, continues with the accepted
   replies if there are at least ``flower.min_replies``, and records every sampled
-  client that did not contribute, and why.
+  client that did not contribute, and why, and every replacement.
 * Each node's cached ledger position is remembered and sent as ``since``; a node
   whose copy is not there answers "stale" with its real position and is resent
   the task once.
@@ -30,16 +40,21 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+import json
+
+import numpy as np
+
 from fedseed import wire
 from fedseed.algorithms import Algorithm
-from fedseed.experiment import Experiment, prepare, sample_clients
-from fedseed.ledger import Ledger, LedgerError
+from fedseed.experiment import SAMPLE_TAG, Experiment, prepare_server, sample_clients
+from fedseed.ledger import Ledger, LedgerError, write_atomically
 from fedseed.report import build_report, write_report
 from fedseed.runfolder import RunFolder
 from fedseed.runners.flower_config import FlowerSettings, from_run_config
@@ -58,6 +73,50 @@ from fedseed.runners.simulation import Events, Expected, RoundResult, accept, be
 POLL = 0.5  # seconds between pulls for replies
 ROLL_CALL_EVERY = 3.0  # seconds between looks for nodes not yet known
 NODE_GONE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.CLIENT_APP_CRASHED)  # an expired message (3) may be a slow node
+REPLACE_TAG = 0x2E91
+PINS_FILE = "nodes.json"
+
+
+class Pins:
+    """Which SuperNode each client id belongs to, for the whole run (the run folder's ``nodes.json``).
+
+    With node authentication a SuperNode's id belongs to its registered key, so a
+    restarted node keeps it; a claim by any other node is refused.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.nodes: dict[int, int] = {}
+        if path.is_file():
+            try:
+                self.nodes = {int(c): int(n) for c, n in json.loads(path.read_text()).items()}
+            except (ValueError, AttributeError):
+                raise RoundFailed(f"{path} is not a client -> node id table; delete it to let nodes claim again")
+
+    def claim(self, client: int, node_id: int) -> str | None:
+        """None when ``node_id`` may serve ``client`` (pinning it on a first claim), else why not."""
+        owner = self.nodes.get(client)
+        if owner is None:
+            self.nodes[client] = node_id
+            write_atomically(self.path, json.dumps(self.nodes, sort_keys=True).encode())
+            return None
+        return None if owner == node_id else f"client {client} belongs to node {owner} (flower.pin_nodes)"
+
+
+def sample_connected(seed: int, round: int, num_clients: int, per_round: int, connected: list[int]) -> list[int]:
+    """The round's clients among those with a node; with every client connected, the in-process sample."""
+    if len(connected) == num_clients:
+        return sample_clients(seed, round, num_clients, per_round)
+    rng = np.random.default_rng([seed, round, SAMPLE_TAG, len(connected)])
+    return sorted(int(c) for c in rng.choice(connected, size=min(per_round, len(connected)), replace=False))
+
+
+def replacement(seed: int, round: int, taken: set[int], connected: list[int]) -> int | None:
+    """A connected client not in this round yet, drawn from ``(seed, round, how many were taken)``."""
+    free = sorted(set(connected) - taken)
+    if not free:
+        return None
+    return free[int(np.random.default_rng([seed, round, REPLACE_TAG, len(taken)]).integers(len(free)))]
 
 
 class RoundFailed(RuntimeError):
@@ -74,8 +133,8 @@ class Node:
 class Roster:
     """Which SuperNode is which fedseed client, learned by roll call, and how far each node's copy is synced."""
 
-    def __init__(self, run: str, num_clients: int, ttl: float):
-        self.run, self.num_clients, self.ttl = run, num_clients, ttl
+    def __init__(self, run: str, num_clients: int, ttl: float, pins: Pins | None = None):
+        self.run, self.num_clients, self.ttl, self.pins = run, num_clients, ttl, pins
         self.clients: dict[int, Node] = {}  # client -> the node that most recently said it is that client
         self.asked: dict[str, int] = {}  # roll-call message id -> node id
         self.seen: set[int] = set()  # node ids asked (and not forgotten since)
@@ -113,6 +172,9 @@ class Roster:
         if presence.client >= self.num_clients:
             return self.ignore(node_id, f"its partition-id {presence.client} is not a client of this run "
                                         f"(federation.num_clients = {self.num_clients})")
+        refused = self.pins.claim(presence.client, node_id) if self.pins else None
+        if refused:
+            return self.ignore(node_id, refused)
         node = Node(node_id, presence.client, presence.position)
         self.clients[presence.client] = node
         return node
@@ -132,18 +194,24 @@ class Roster:
         ids = list(self.asked) + also
         return list(grid.pull_messages(ids)) if ids else []
 
-    def wait_for_all(self, grid: Grid, timeout: float) -> None:
-        """Before the first round: roll calls until every client has a node, or ``timeout`` seconds."""
+    def connected(self) -> list[int]:
+        return sorted(self.clients)
+
+    def wait_for(self, grid: Grid, count: int, timeout: float) -> None:
+        """Roll calls until ``count`` clients have a node (every client at most), or ``timeout`` seconds."""
+        count = min(count, self.num_clients)
         deadline = time.monotonic() + timeout
-        while len(self.clients) < self.num_clients and time.monotonic() < deadline:
+        while len(self.clients) < count and time.monotonic() < deadline:
             if self.due():
                 self.call(grid)
             for msg in self.pull(grid, []):
                 self.answered(msg)
             time.sleep(POLL)
-        missing = sorted(set(range(self.num_clients)) - set(self.clients))
-        print(f"nodes: {({c: n.node_id for c, n in sorted(self.clients.items())})}"
-              + (f"; none yet for clients {missing}" if missing else ""), flush=True)
+        if len(self.clients) < count:
+            raise RoundFailed(f"{len(self.clients)} clients have a node after {timeout:g} s, a round needs {count} "
+                              "(flower.min_clients); start more SuperNodes, or lower flower.min_clients, and run "
+                              "again (the ledger keeps every earlier round)")
+        print(f"nodes: {({c: n.node_id for c, n in sorted(self.clients.items())})}", flush=True)
 
 
 @dataclass
@@ -167,10 +235,13 @@ class FlowerRound:
 
     def __init__(self, grid: Grid, exp: Experiment, server: Algorithm, roster: Roster, base: str,
                  settings: FlowerSettings, round: int, expect: Expected):
-        fed = exp.config.federation
+        fed, seed = exp.config.federation, exp.config.run.seed
         self.grid, self.server, self.roster, self.base, self.settings = grid, server, roster, base, settings
-        self.expect = expect
-        self.result = RoundResult(round, sample_clients(exp.config.run.seed, round, fed.num_clients, fed.clients_per_round))
+        self.expect, self.seed = expect, seed
+        sampled = sample_connected(seed, round, fed.num_clients, fed.clients_per_round, roster.connected())
+        self.result = RoundResult(round, sampled)
+        self.gone: dict[int, float] = {}  # client -> when it was last seen without a node
+        self.replaced: dict[int, int] = {}  # dropped client -> the client that took its place
         self.sent: dict[str, Sent] = {}  # instruction message id -> what was sent this round
         self.open: set[str] = set()  # ids of those not answered yet
         self.replies: dict[int, Any] = {}  # client -> accepted reply
@@ -187,6 +258,26 @@ class FlowerRound:
 
     def waiting(self) -> list[int]:
         return [c for c in self.result.clients if c not in self.done]
+
+    def replace_gone(self) -> None:
+        """A waiting client with no node (and no task in flight) for ``flower.grace`` seconds: replaced or dropped."""
+        now = time.monotonic()
+        for c in self.waiting():
+            if c in self.roster.clients or any(self.sent[mid].client == c for mid in self.open):
+                self.gone.pop(c, None)
+                continue
+            since = self.gone.setdefault(c, now)
+            if now - since < self.settings.grace:
+                continue
+            self.done.add(c)
+            self.why[c] = f"no node for {self.settings.grace:g} s (flower.grace)"
+            new = replacement(self.seed, self.round, set(self.result.clients),
+                              self.roster.connected()) if self.settings.replace else None
+            if new is not None:
+                self.replaced[c] = new
+                self.result.clients.append(new)
+                self.why[new] = "no node has answered the roll call as this client"
+                self.send(new)
 
     def send(self, c: int) -> None:
         """The task of client ``c`` to its node, made for the position that node's copy holds."""
@@ -224,6 +315,7 @@ class FlowerRound:
             self.send(c)
         deadline = time.monotonic() + self.settings.round_timeout
         while True:
+            self.replace_gone()
             for msg in self.roster.pull(self.grid, list(self.open)):
                 mid = msg.metadata.reply_to_message_id
                 if mid in self.roster.asked:
@@ -313,6 +405,9 @@ class FlowerRound:
         extra = {
             "accepted": sorted(self.replies),
             "dropped": {str(c): why for c, why in dropped.items()},
+            "replaced": {str(c): new for c, new in self.replaced.items()},
+            "connected": self.roster.connected(),
+            "refused_nodes": {str(n): why for n, why in self.roster.ignored.items()},
             "nodes": {str(c): n for c, n in self.nodes.items()},
             "flower_uplink_bytes": {str(c): n for c, n in self.flower_up.items()},
             "flower_downlink_bytes": {str(c): n for c, n in self.flower_down.items()},
@@ -351,35 +446,65 @@ def open_run(exp: Experiment, folder: RunFolder, settings: FlowerSettings) -> bo
     if folder.ledger_path.is_file() and not settings.overwrite:
         raise FileExistsError(f"{folder.path} already holds a run; set flower.resume = true to continue it, "
                               "flower.overwrite = true to replace it, or choose another run.output_dir")
-    folder.create(exp.config, exp.data.partition.to_json(), overwrite=True)
+    folder.create(exp.config, None, overwrite=True)  # no partition: every node brings its own data
+    (folder.path / PINS_FILE).unlink(missing_ok=True)
     return False
+
+
+class Session:
+    """One run on the server: the experiment, the ledger, the roster; what every round of it shares."""
+
+    def __init__(self, run_config: Mapping[str, Any], events: Events | None = None):
+        cfg, self.settings = from_run_config(run_config)
+        self.events = events or PrintEvents()
+        self.exp = prepare_server(cfg)  # the model and data.eval_path: no client's training data
+        self.folder = RunFolder(cfg.run.output_dir)
+        resume = open_run(self.exp, self.folder, self.settings)
+        self.server, self.evaluator = self.exp.algorithm(), self.exp.algorithm()
+        try:
+            self.ledger = begin(self.exp, self.folder, self.server, self.evaluator, resume, self.events)
+        except LedgerError as e:
+            raise LedgerError(f"{e}; set flower.overwrite = true to replace it, or choose another run.output_dir") \
+                from None
+        pins = Pins(self.folder.path / PINS_FILE) if self.settings.pin_nodes else None
+        self.roster = Roster(run_id(self.ledger.header), cfg.federation.num_clients, self.settings.round_timeout, pins)
+        self.need = self.settings.min_clients or cfg.federation.clients_per_round
+        if self.ledger.rounds >= cfg.federation.rounds:
+            print(f"{self.folder.path} already holds all {self.ledger.rounds} rounds of this experiment: nothing to "
+                  "run (flower.overwrite = true starts it again, or choose another run.output_dir)", flush=True)
+
+    def rounds(self) -> range:
+        """The rounds still to run."""
+        return range(self.ledger.rounds + 1, self.exp.config.federation.rounds + 1)
+
+    def open_round(self, grid: Grid, round: int) -> FlowerRound:
+        """Wait for enough connected clients, then the round's sample and what honest replies must say."""
+        if len(self.roster.connected()) < self.need:
+            self.roster.wait_for(grid, self.need, self.settings.startup_timeout)
+        expect = expected(self.exp, self.server, self.evaluator)
+        return FlowerRound(grid, self.exp, self.server, self.roster, self.exp.base_hash, self.settings, round, expect)
+
+    def close_round(self, update: Any, result: RoundResult, started: float, extra: dict[str, Any]) -> dict[str, Any]:
+        """Commit the round: the update into the server, the row into metrics.jsonl, then the ledger."""
+        return finish_round(self.exp, self.folder, self.ledger, self.server, self.evaluator, update, result, started,
+                            self.events, extra)
+
+    def run(self, grid: Grid, round: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        update, result, extra = self.open_round(grid, round).run(self.events)
+        return self.close_round(update, result, started, extra)
+
+    def report(self) -> str:
+        return write_report(self.folder, _report(self.exp, self.folder, self.ledger))
 
 
 def serve(grid: Grid, run_config: Mapping[str, Any], events: Events | None = None) -> Ledger:
     """The ServerApp's main: run, or continue, the experiment the run-config describes; returns the ledger."""
-    cfg, settings = from_run_config(run_config)
-    events = events or PrintEvents()
-    exp = prepare(cfg)
-    folder = RunFolder(cfg.run.output_dir)
-    resume = open_run(exp, folder, settings)
-    server, evaluator = exp.algorithm(), exp.algorithm()
-    try:
-        ledger = begin(exp, folder, server, evaluator, resume, events)
-    except LedgerError as e:
-        raise LedgerError(f"{e}; set flower.overwrite = true to replace it, or choose another run.output_dir") from None
-    roster = Roster(run_id(ledger.header), cfg.federation.num_clients, settings.round_timeout)
-    if ledger.rounds >= cfg.federation.rounds:
-        print(f"{folder.path} already holds all {ledger.rounds} rounds of this experiment: nothing to run "
-              "(flower.overwrite = true starts it again, or choose another run.output_dir)", flush=True)
-    else:
-        roster.wait_for_all(grid, settings.startup_timeout)
-    for round in range(ledger.rounds + 1, cfg.federation.rounds + 1):
-        started = time.perf_counter()
-        expect = expected(exp, server, evaluator)
-        update, result, extra = FlowerRound(grid, exp, server, roster, exp.base_hash, settings, round, expect).run(events)
-        finish_round(exp, folder, ledger, server, evaluator, update, result, started, events, extra)
-    print(write_report(folder, _report(exp, folder, ledger)), flush=True)
-    return ledger
+    session = Session(run_config, events)
+    for round in session.rounds():
+        session.run(grid, round)
+    print(session.report(), flush=True)
+    return session.ledger
 
 
 def _report(exp: Experiment, folder: RunFolder, ledger: Ledger) -> dict[str, Any]:

@@ -204,6 +204,8 @@ def evaluate(exp: Experiment, generation: bool, events: Events) -> dict[str, flo
     """Held-out loss, and (when asked) the generation metrics of the data set."""
     ev, module = exp.config.eval, exp.model.module
     held = exp.data.heldout
+    if not held:  # a deployed server without data.eval_path evaluates nothing
+        return {}
     if exp.data.classes:  # classification: cheap, so accuracy at every evaluation
         loss, acc = evaluation.classification_metrics(module, held[: ev.loss_examples], ev.batch_size, exp.pad_id)
         return {"eval_loss": loss, "accuracy": acc}
