@@ -338,10 +338,10 @@ def test_flower_server_killed_mid_run_resumes_to_the_clean_ledger(deployment, tm
     from test_flower_deployment import FEDKSEED, expected, rows, write_run_config
 
     rounds = 3
-    deployment.script("flower-start.sh", "3")
     out = tmp_path / "run"
-    cfg = write_run_config(tmp_path / "run.toml", out, clients=3, rounds=rounds, algorithm=FEDKSEED,
-                           round_timeout=60.0, resume=True)
+    cfg, parts = write_run_config(tmp_path / "run.toml", out, clients=3, rounds=rounds, algorithm=FEDKSEED,
+                                  round_timeout=60.0, resume=True)
+    deployment.script("flower-start.sh", "3", PARTS=str(parts))
     folder = RunFolder(out)
     first = deployment.launch("loopback", tmp_path / "run.toml")
     deployment.wait("loopback", first, until=lambda: folder.ledger_path.is_file()

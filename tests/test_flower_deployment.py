@@ -242,7 +242,8 @@ def test_deployment_survives_a_killed_node_that_rejoins_and_catches_up(loopback,
     loopback.script("flower-node.sh", "1", PARTS=str(parts))  # back: new node id, same data file and cache
     socket2 = loopback.dir / "nodes" / "2" / "worker.sock"
     socket2.unlink(missing_ok=True)
-    loopback.start([str(VENV_BIN / "fedseed"), "worker", "--socket", str(socket2)], loopback.dir / "logs" / "worker2.log")
+    loopback.start([str(VENV_BIN / "fedseed"), "worker", "--socket", str(socket2)],
+                   loopback.dir / "logs" / "worker2-restarted.log")
     loopback.wait("loopback", run, until=lambda: len(rows(out)) >= 4)
     status = loopback.wait("loopback", run, every=1)
     assert status["status"] == "finished:completed", status["status-details"]
@@ -252,9 +253,9 @@ def test_deployment_survives_a_killed_node_that_rejoins_and_catches_up(loopback,
     assert table[1]["accepted"] == [0, 2] and "1" in table[1]["dropped"]  # the others carried on
     assert table[2]["accepted"] == table[3]["accepted"] == [0, 1, 2]  # it rejoined ...
     assert table[2]["nodes"]["1"] != table[0]["nodes"]["1"]  # ... as a new SuperNode
-    served = (loopback.dir / "logs" / "worker2.log").read_text()
-    assert "round 1 client 2" in served and "round 2 client 2" not in served  # round 2 without its worker
-    assert "round 4 client 2" in served  # the restarted worker serves again
+    served, restarted = ((loopback.dir / "logs" / f"{name}.log").read_text() for name in ("worker2", "worker2-restarted"))
+    assert "round 1 client 2" in served and "round 2 client 2" not in served + restarted  # round 2 without a worker
+    assert "round 4 client 2" in restarted  # the restarted worker serves again
     # ... and caught up: its training from the synced model is bit for bit the in-process one
     assert Ledger.open(RunFolder(out).ledger_path).updates == expected(cfg, [r["accepted"] for r in table])
     traffic = status["network-traffic"]

@@ -349,7 +349,11 @@ def _layouts(draw: st.DrawFn) -> dict[str, Any]:
     header.update(draw(st.dictionaries(st.text(max_size=8).filter(lambda k: k not in KEYS), CONFIG_VALUES,
                                        max_size=2)))
     data = draw(st.binary(max_size=48))
+    valid = {"loss": draw(st.floats(allow_nan=False, allow_infinity=False)), "num-examples": draw(_ints(0, 2**40))}
+    hostile = draw(st.dictionaries(st.sampled_from(["loss", "num-examples"]),
+                                   st.one_of(st.floats(), HOSTILE_INTS), max_size=2))
     return {
+        "metrics": draw(st.sampled_from([valid, {**valid, **hostile}, None])),
         "header": header,
         "header_as": draw(st.sampled_from(["config"] * 5 + ["metric", "array", "absent"])),
         "data": data,
@@ -388,6 +392,8 @@ def _flower_message(records: Any, layout: dict[str, Any]) -> Any:
         content[records.PAYLOAD] = ArrayRecord({records.FRAME: Array(np.frombuffer(data, np.uint8))})
     elif layout["payload_as"] == "config":
         content[records.PAYLOAD] = ConfigRecord({records.FRAME: data})
+    if layout["metrics"] is not None:
+        content[records.METRICS] = MetricRecord(layout["metrics"])
     return Message(content, metadata=_metadata())
 
 
@@ -423,6 +429,9 @@ def _check_read(reader: str, out: Any, layout: dict[str, Any]) -> None:
     else:
         assert header.get("stale", False) is not True
         _check_payload(out.frame, layout)
+        metrics = layout["metrics"]
+        assert out.loss == metrics["loss"] and math.isfinite(out.loss)
+        assert out.num_examples == metrics["num-examples"] and type(out.num_examples) is int and out.num_examples >= 0
 
 
 def _check_payload(frame: bytes, layout: dict[str, Any]) -> None:
@@ -454,7 +463,8 @@ def test_flower_readers_return_a_valid_object_or_raise_record_error(records, rea
 @st.composite
 def _orders(draw: st.DrawFn) -> dict[str, Any]:
     header = draw(_valid_header())
-    return {**header, "frame": draw(st.binary(max_size=48)), "stale": draw(st.booleans())}
+    return {**header, "frame": draw(st.binary(max_size=48)), "stale": draw(st.booleans()),
+            "loss": draw(st.floats(allow_nan=False, allow_infinity=False)), "examples": draw(st.integers(0, 2**31))}
 
 
 @_fuzz("flower writers round trip")
@@ -478,8 +488,9 @@ def test_flower_writers_round_trip_through_serde(records, order):
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
     asked = Message(RecordDict(), metadata=_metadata())
-    answer = records.Answer(order["round"], order["client"], order["position"],
-                            b"" if order["stale"] else order["frame"], stale=order["stale"])
+    answer = records.Answer(order["round"], order["client"], order["position"], b"", stale=True) if order["stale"] \
+        else records.Answer(order["round"], order["client"], order["position"], order["frame"], loss=order["loss"],
+                            num_examples=order["examples"])
     assert records.read_answer(carried(records.answer_message(answer, asked))) == answer
     presence = records.Presence(order["client"], order["position"])
     assert records.read_presence(carried(records.presence_message(presence, asked))) == presence

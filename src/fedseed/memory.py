@@ -12,9 +12,10 @@ from __future__ import annotations
 import ctypes
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD = 128 << 10  # glibc's own starting value, kept fixed
@@ -42,13 +43,15 @@ def return_freed_memory() -> None:
         pass
 
 
-def resident_bytes(module: torch.nn.Module) -> int:
+def resident_bytes(module: "torch.nn.Module") -> int:
     """Bytes of a module's parameters and buffers."""
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 def peak_extra_bytes(fn: Callable[[], T], device: str = "cpu") -> tuple[T, int]:
     """Run ``fn`` and return its result and the peak bytes it allocated beyond what was live before."""
+    import torch
+
     if device == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()

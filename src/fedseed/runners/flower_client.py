@@ -49,7 +49,8 @@ def _train(order: Instruction, context: Context, node: NodeSettings) -> Answer:
         return Node(resident=False).train(order, dict(context.run_config), node)
     if reply.error:
         raise WorkerError(f"the node's worker ({node.worker}) failed: {reply.error}")
-    return Answer(order.round, order.client, reply.position, reply.frame, stale=bool(reply.stale))
+    return Answer(order.round, order.client, reply.position, reply.frame, stale=bool(reply.stale), loss=reply.loss,
+                  num_examples=reply.num_examples)
 
 
 def train_handler(msg: Message, context: Context) -> Message:

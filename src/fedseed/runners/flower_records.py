@@ -22,7 +22,9 @@ function validates every field and raises :class:`RecordError` naming it.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
@@ -68,6 +70,8 @@ class Answer:
     position: int  # ledger position of the node's cached copy after this message (0: base weights)
     frame: bytes
     stale: bool = False  # the node's copy was not at the instruction's ``since``; resend with ``position``
+    loss: float = 0.0  # what the encoded reply says, beside it for Flower tools; fedseed trusts only the frame
+    num_examples: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,10 +98,7 @@ def answer_message(answer: Answer, reply_to: Message) -> Message:
     if answer.stale:
         header["stale"] = True
         return Message(RecordDict({HEADER: header}), reply_to=reply_to)
-    import fedseed.algorithms  # noqa: F401  (registers the reply types with the codec)
-
-    reply = wire.decode(answer.frame)  # every fedseed reply carries its loss and example count
-    metrics = MetricRecord({"loss": float(reply.loss), "num-examples": int(reply.num_examples)})
+    metrics = MetricRecord({"loss": float(answer.loss), "num-examples": int(answer.num_examples)})
     return Message(RecordDict({HEADER: header, PAYLOAD: _frame(answer.frame), METRICS: metrics}), reply_to=reply_to)
 
 
@@ -155,7 +156,16 @@ def read_answer(msg: Message) -> Answer:
     rnd, client, position = _int(header, "round", 1), _int(header, "client", 0), _int(header, "position", 0)
     if header.get("stale", False) is True:
         return Answer(rnd, client, position, b"", stale=True)
-    return Answer(rnd, client, position, _payload(msg))
+    return Answer(rnd, client, position, _payload(msg), loss=_metric(msg, "loss", float),
+                  num_examples=_metric(msg, "num-examples", int))
+
+
+def _metric(msg: Message, key: str, kind: type) -> Any:
+    records = msg.content.metric_records
+    value = records[METRICS].get(key) if METRICS in records else None
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value < 0 and kind is int:
+        raise RecordError(f"`{METRICS}.{key}` must be a finite {kind.__name__}, got {value!r}")
+    return value
 
 
 def read_roll_call(msg: Message) -> str:

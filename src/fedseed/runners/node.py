@@ -155,7 +155,8 @@ class Node:
             position = max(exp.model.position, 0)
         else:
             position = NodeCache(node.cache_dir).store(exp.model, order.run)
-        return Answer(order.round, order.client, position, wire.encode(reply))
+        return Answer(order.round, order.client, position, wire.encode(reply), loss=float(reply.loss),
+                      num_examples=int(reply.num_examples))
 
 
 def task_type(cfg: Any) -> type:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseed import wire
-from fedseed.wire import U8, U32, Bytes, Str, message
+from fedseed.wire import F64, U8, U32, Bytes, Str, message
 
 TRAIN, WHERE = 1, 2
 MAX_FRAME = 1 << 34  # a dense task of a 4B-parameter model still fits; anything larger is not ours
@@ -70,6 +70,8 @@ class WorkReply:
     position: U32
     stale: U8
     frame: Bytes  # the encoded reply (empty when stale, for WHERE, or on error)
+    loss: F64  # the reply's loss and example count, for the answer's MetricRecord
+    num_examples: U32
     error: Str  # empty unless the request failed; then what the node's log would have said
 
 
@@ -165,7 +167,7 @@ class WorkerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         try:
             node = node_settings(json.loads(request.node_config))
             if request.kind == WHERE:
-                return WorkReply(self.node.position(request.run, node), 0, b"", "")
+                return WorkReply(self.node.position(request.run, node), 0, b"", 0.0, 0, "")
             order = Instruction(request.round, request.client, request.since, request.run, request.base,
                                 request.frame)
             with self.lock:
@@ -173,9 +175,9 @@ class WorkerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                 answer = self.node.train(order, json.loads(request.run_config), node)
             print(f"fedseed worker: round {order.round} client {order.client} since {order.since}: "
                   f"{'stale, holds ' + str(answer.position) if answer.stale else 'trained'}", flush=True)
-            return WorkReply(answer.position, int(answer.stale), answer.frame, "")
+            return WorkReply(answer.position, int(answer.stale), answer.frame, answer.loss, answer.num_examples, "")
         except Exception as e:  # the ClientApp raises it as the app's error; the worker lives on
-            return WorkReply(0, 0, b"", f"{type(e).__name__}: {e}")
+            return WorkReply(0, 0, b"", 0.0, 0, f"{type(e).__name__}: {e}")
 
 
 def run_worker(path: Path) -> None:
