@@ -9,8 +9,9 @@ a round twice. Three views of it:
 * the same run in process, stopped by a raised :class:`Crash` before or after
   each single write of a round's commit sequence (metrics row, ledger copy,
   fsync, rename, folder fsync), and resumed in process;
-* a Flower deployment (SuperLink + SuperNodes) whose ServerApp process is
-  SIGKILLed mid-run and launched again with ``flower.resume = true``.
+* a Flower deployment whose ServerApp process is SIGKILLed mid-run and
+  launched again with ``flower.resume = true`` (in
+  tests/test_flower_deployment.py, which has the deployment running anyway).
 
 Runs are deterministic, so "the clean run" is an in-process run of the same
 config, ledger bytes compared exactly. Every process is pinned to one torch
@@ -299,72 +300,3 @@ def test_run_killed_before_its_ledger_exists_resumes_from_round_zero(monkeypatch
             pytest.fail(f"resume of a run killed before its first ledger write: {e}")
     assert folder.ledger_path.read_bytes() == clean
     assert metric_rounds(folder) == [1, 2]
-
-
-# -- a Flower deployment whose ServerApp process is killed ---------------------------------
-
-
-@pytest.fixture
-def deployment(tmp_path):
-    """test_flower_deployment's loopback SuperLink + SuperNodes; every process it saw is ended by PID."""
-    pytest.importorskip("flwr")
-    from test_flower_deployment import Loopback
-
-    lb = Loopback(tmp_path)
-    try:
-        yield lb
-    finally:
-        lb.end_all()
-
-
-def serverapps(deployment: Any) -> list[int]:
-    """The live ``flwr-serverapp`` processes under the SuperLink (Flower 1.41: SuperLink -> flower-superexec ->
-    one flwr-serverapp per run), found by their command line."""
-    from test_flower_deployment import children, is_flower
-
-    found = []
-    for pid in children(deployment.pid("superlink")):
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if is_flower(pid) and any(Path(a.decode()).name == "flwr-serverapp" for a in args[:2]):
-            found.append(pid)  # python3 .venv/bin/flwr-serverapp --runtime-api-address ...
-    return found
-
-
-@pytest.mark.slow
-def test_flower_server_killed_mid_run_resumes_to_the_clean_ledger(deployment, tmp_path):
-    from test_flower_deployment import FEDKSEED, expected, rows, write_run_config
-
-    rounds = 3
-    out = tmp_path / "run"
-    cfg, parts = write_run_config(tmp_path / "run.toml", out, clients=3, rounds=rounds, algorithm=FEDKSEED,
-                                  round_timeout=60.0, resume=True)
-    deployment.script("flower-start.sh", "3", PARTS=str(parts))
-    folder = RunFolder(out)
-    first = deployment.launch("loopback", tmp_path / "run.toml")
-    deployment.wait("loopback", first, until=lambda: folder.ledger_path.is_file()
-                    and Ledger.open(folder.ledger_path).rounds >= 1, timeout=240)
-    # The ServerApp is its own process in Flower 1.41 (the SuperLink's SuperExec starts one flwr-serverapp per
-    # run): SIGKILL it alone, mid-round, the SuperLink and SuperNodes live on.
-    servers = serverapps(deployment)
-    assert len(servers) == 1, f"not one flwr-serverapp process under the SuperLink: {servers}"
-    server = servers[0]
-    deployment.kill_tree(server)
-    held = Ledger.open(folder.ledger_path)  # no repair: never torn
-    assert 1 <= held.rounds < rounds, f"the kill landed after the run ended: {held.rounds} rounds"
-    assert [r["round"] for r in rows(out)][: held.rounds] == list(range(1, held.rounds + 1))
-    second = deployment.launch("loopback", tmp_path / "run.toml")  # flower.resume = true: continue the ledger
-    deployment.wait("loopback", second, until=lambda: len(rows(out)) >= rounds and not serverapps(deployment),
-                    timeout=300)
-    status = deployment.wait("loopback", second, every=1)
-    assert status["status"] == "finished:completed", status["status-details"]
-    table = rows(out)
-    print(f"killed the ServerApp (pid {server}) at {held.rounds} ledger rounds; resumed rows "
-          f"{[(r['round'], r['accepted'], round(r['seconds'], 1)) for r in table]}")
-    assert [r["round"] for r in table] == list(range(1, rounds + 1))  # no round recorded (or applied) twice
-    assert all(r["accepted"] == [0, 1, 2] for r in table), [r["dropped"] for r in table]
-    final = Ledger.open(folder.ledger_path)
-    assert final.updates[: held.rounds] == held.updates  # what the killed server committed, kept as it was
-    assert final.updates == expected(cfg, [r["accepted"] for r in table])

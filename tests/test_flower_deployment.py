@@ -227,15 +227,31 @@ def rows(out: Path) -> list[dict[str, Any]]:
     return [r for r in RunFolder(out).metrics() if r["round"] > 0]
 
 
-def test_deployment_survives_a_killed_node_that_rejoins_and_catches_up(loopback, tmp_path):
-    """Every node trains on its own file and the server has none; a node dies and rejoins, a worker dies and restarts."""
+def serverapps(loopback: Loopback) -> list[int]:
+    """The live ``flwr-serverapp`` processes under the SuperLink (Flower 1.41: SuperLink -> flower-superexec ->
+    one flwr-serverapp per run), found by their command line."""
+    found = []
+    for pid in children(loopback.pid("superlink")):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if is_flower(pid) and any(Path(a.decode()).name == "flwr-serverapp" for a in args[:2]):
+            found.append(pid)  # python3 .venv/bin/flwr-serverapp --runtime-api-address ...
+    return found
+
+
+def test_deployment_survives_killed_nodes_workers_and_server(loopback, tmp_path):
+    """Every node trains on its own file and the server has none. Mid-run a node dies and rejoins, a worker dies and
+    restarts, and the ServerApp process is SIGKILLed and relaunched; the ledger ends as the in-process one."""
     out = tmp_path / "run"
-    cfg, parts = write_run_config(tmp_path / "run.toml", out, clients=3, rounds=4, algorithm=FEDKSEED,
-                                  round_timeout=40.0, pin_nodes=False)  # unauthenticated: a new node id on restart
+    rounds = 5
+    cfg, parts = write_run_config(tmp_path / "run.toml", out, clients=3, rounds=rounds, algorithm=FEDKSEED,
+                                  round_timeout=30.0, pin_nodes=False, resume=True)  # unauthenticated: new node ids
     loopback.script("flower-start.sh", "3", PARTS=str(parts))
     run = loopback.launch("loopback", tmp_path / "run.toml")
     loopback.wait("loopback", run, until=lambda: len(rows(out)) >= 1)
-    loopback.kill_tree(loopback.pid("supernode1"))  # SIGKILL mid-run: the SuperLink keeps listing it for up to a minute
+    loopback.kill_tree(loopback.pid("supernode1"))  # SIGKILL mid-run: the SuperLink keeps listing it for a while
     loopback.kill_tree(loopback.pid("worker1"))  # the whole machine: its worker too
     loopback.kill_tree(loopback.pid("worker2"))  # node 2 only loses its worker: its ClientApps work alone
     loopback.wait("loopback", run, until=lambda: len(rows(out)) >= 2)
@@ -244,27 +260,36 @@ def test_deployment_survives_a_killed_node_that_rejoins_and_catches_up(loopback,
     socket2.unlink(missing_ok=True)
     loopback.start([str(VENV_BIN / "fedseed"), "worker", "--socket", str(socket2)],
                    loopback.dir / "logs" / "worker2-restarted.log")
-    loopback.wait("loopback", run, until=lambda: len(rows(out)) >= 4)
-    status = loopback.wait("loopback", run, every=1)
+    loopback.wait("loopback", run, until=lambda: len(rows(out)) >= 3)
+    # The ServerApp is its own process (the SuperLink's SuperExec starts one per run): SIGKILL it alone, mid-round.
+    [server] = serverapps(loopback)
+    loopback.kill_tree(server)
+    held = Ledger.open(RunFolder(out).ledger_path)  # no repair: never torn
+    assert 2 <= held.rounds < rounds, f"the kill landed at {held.rounds} ledger rounds"
+    relaunched = loopback.launch("loopback", tmp_path / "run.toml")  # flower.resume = true: continue the ledger
+    loopback.wait("loopback", relaunched, until=lambda: len(rows(out)) >= rounds)
+    status = loopback.wait("loopback", relaunched, every=1)
     assert status["status"] == "finished:completed", status["status-details"]
     table = rows(out)
-    assert [r["round"] for r in table] == [1, 2, 3, 4], [r["dropped"] for r in table]
+    assert [r["round"] for r in table] == list(range(1, rounds + 1)), table  # no round recorded (or applied) twice
     assert table[0]["accepted"] == [0, 1, 2]
     assert table[1]["accepted"] == [0, 2] and "1" in table[1]["dropped"]  # the others carried on
-    assert table[2]["accepted"] == table[3]["accepted"] == [0, 1, 2]  # it rejoined ...
+    assert all(r["accepted"] == [0, 1, 2] for r in table[2:])  # it rejoined ...
     assert table[2]["nodes"]["1"] != table[0]["nodes"]["1"]  # ... as a new SuperNode
     served, restarted = ((loopback.dir / "logs" / f"{name}.log").read_text() for name in ("worker2", "worker2-restarted"))
     assert "round 1 client 2" in served and "round 2 client 2" not in served + restarted  # round 2 without a worker
-    assert "round 4 client 2" in restarted  # the restarted worker serves again
-    # ... and caught up: its training from the synced model is bit for bit the in-process one
-    assert Ledger.open(RunFolder(out).ledger_path).updates == expected(cfg, [r["accepted"] for r in table])
-    traffic = status["network-traffic"]
-    assert traffic["inbound-bytes"] > sum(r["uplink_total"] for r in table)
+    assert f"round {rounds} client 2" in restarted  # the restarted worker serves again
+    final = Ledger.open(RunFolder(out).ledger_path)
+    assert final.updates[: held.rounds] == held.updates  # what the killed server committed, kept as it was
+    # ... and every node caught up: training from the synced model is bit for bit the in-process one
+    assert final.updates == expected(cfg, [r["accepted"] for r in table])
+    assert status["network-traffic"]["inbound-bytes"] > sum(r["uplink_total"] for r in table[held.rounds:])
     for r in table:
         print(f"round {r['round']}: {r['seconds']:.1f} s, accepted {r['accepted']}, up {r['uplink_total']} B "
               f"(Flower {r['flower_uplink_total']} B), down {r['downlink_total']} B (Flower {r['flower_downlink_total']} "
               f"B), roll calls {r['flower_roll_call_bytes']} B, dropped {r['dropped']}")
-    print(f"SuperLink counted {traffic}")
+    print(f"killed the ServerApp (pid {server}) at {held.rounds} ledger rounds; SuperLink counted "
+          f"{status['network-traffic']}")
 
 
 def test_strangers_stay_out(loopback, tmp_path):
