@@ -19,8 +19,12 @@ over the seeds in the caller's order, and ``project``'s partial sums are cut at
 fixed element offsets and combined in a fixed order.
 
 The element functions (generator, portable Gaussian, 16-bit conversions) are
-inlined into the loops and written so that LLVM vectorises them: selects instead
-of branches, tables small enough to gather from L1. Three things numba lacks are
+separate jitted functions that LLVM inlines into the loops (numba links their IR
+into each kernel), written so that it vectorises them: selects instead of
+branches, tables small enough to gather from L1. numba's own IR-level inlining
+(``inline="always"``) gave the same speed at 3-5x the cold compile time (37 s
+against 10 s for the two add kernels on 2 cores), which every fresh install pays
+once; only ``_lane_sum``, whose scratch array must not cross a call, keeps it. Three things numba lacks are
 LLVM intrinsics here: reinterpreting bits, fused multiply-add (rounded once on
 every device, which is what makes the Gaussian's double-double arithmetic
 identical in numba and Triton) and turning an address into a typed pointer.
@@ -119,7 +123,7 @@ ptr_u16 = _pointer(types.uint16)
 
 
 # -- generator -----------------------------------------------------------------------
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def mix64(z):
     """SplitMix64's finaliser on uint64 (wraps modulo 2^64)."""
     z = (z ^ (z >> np.uint64(30))) * _MIX1
@@ -127,27 +131,27 @@ def mix64(z):
     return z ^ (z >> np.uint64(31))
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def counter(i):
     """``(i + 1) * GOLDEN``: the part of the stream position shared by every key."""
     return (np.uint64(i) + np.uint64(1)) * _GOLDEN
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def rademacher(x, c):
     """``c * (+1 or -1)`` from the top bit of ``x`` (exact: a sign flip)."""
     return -c if (x >> np.uint64(63)) != np.uint64(0) else c
 
 
 # -- portable Gaussian ---------------------------------------------------------------
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def _two_sum(a, b):
     s = a + b
     bb = s - a
     return s, (a - (s - bb)) + (b - bb)
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def log_u1(x):
     """``log(((x >> 40) + 1) / 2^24)`` in float64, correctly rounded on all but ~0 inputs.
 
@@ -170,7 +174,7 @@ def log_u1(x):
     return s3 + lo
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def cos_u2(x):
     """``cos(2 pi u2)``, ``u2 = ((x >> 16) & 0xFFFFFF) / 2^24``, the reference's float64 argument.
 
@@ -195,13 +199,13 @@ def cos_u2(x):
     return r3 + lo
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def gaussian(x):
     """The float32 Gaussian of raw output ``x`` on the exact path (Box-Muller, float64, then rounded)."""
     return np.float32(np.sqrt(-2.0 * log_u1(x)) * cos_u2(x))
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def sqrt_m2log_fast(x):
     """``sqrt(-2 log u1)`` in plain float64 (relative error below 2^-46, see the tests)."""
     bits = f64_bits(np.float64(np.int64(x >> np.uint64(40)) + 1))
@@ -213,7 +217,7 @@ def sqrt_m2log_fast(x):
     return np.sqrt(-2.0 * (fma(k, _LN2, _T_HI[i]) + p))
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def cos_fast(x):
     """``cos(2 pi u2)`` in plain float64 (relative error below 2^-51, see the tests)."""
     t = _TWO_PI * (np.float64(np.int64((x >> np.uint64(16)) & np.uint64(0xFFFFFF))) * 2.0**-24)
@@ -227,7 +231,7 @@ def cos_fast(x):
     return fma(c, cm, fma(-_SIN_HI[n], sy, c))
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def gaussian_fast(x):
     """``(value, doubtful)``: the fast path's float32 Gaussian, and whether it may differ from the exact one.
 
@@ -244,7 +248,7 @@ def gaussian_fast(x):
     return r, abs(y - np.float64(r)) + _MARGIN * abs(y) >= half
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def gaussians(g, ig, m, key, doubtful):
     """``g[:m] = Gaussian(mix64(key + ig[:m]))``: fast path for all, exact path for the doubtful few."""
     count = 0
@@ -260,12 +264,12 @@ def gaussians(g, ig, m, key, doubtful):
 
 
 # -- 16-bit floats -------------------------------------------------------------------
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def bf16_to_f32(h):
     return bits_f32(np.uint32(h) << np.uint32(16))
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def f16_to_f32(h):
     """IEEE half to float, exact (subnormals through a float multiply by 2^-24)."""
     h = np.uint32(h)
@@ -279,7 +283,7 @@ def f16_to_f32(h):
     return bits_f32(tiny if e == np.uint32(0) else b)
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def f32_to_bf16(v):
     """Round to nearest even, NaN to 0x7FC0 (what torch does)."""
     b = f32_bits(v)
@@ -288,7 +292,7 @@ def f32_to_bf16(v):
     return np.uint16(np.uint32(0x7FC0) if nan else rounded)
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def f32_to_bf16_stochastic(v, r):
     """Round up with probability (dropped bits) / 2^16, using the low 16 bits of ``r``."""
     b = f32_bits(v)
@@ -297,7 +301,7 @@ def f32_to_bf16_stochastic(v, r):
     return np.uint16(np.uint32(0x7FC0) if nan else rounded)
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def f32_to_f16(v):
     """Round to nearest even with overflow to inf and gradual underflow (what torch does)."""
     b = f32_bits(v)
@@ -311,7 +315,7 @@ def f32_to_f16(v):
     return np.uint16(h | sign)
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def f32_to_f16_stochastic(v, r):
     """Round up with probability proportional to the dropped bits, using ``r``'s bits."""
     b = f32_bits(v)
@@ -338,13 +342,13 @@ LANES = 64  # independent float64 accumulators of a dot product
 SEED_GROUP = 8  # seeds per work unit of project
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def _tensor_of(starts, w):
     """The tensor of work item ``w`` (``starts`` is the prefix sum of items per tensor)."""
     return np.searchsorted(starts, w, side="right") - 1
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def _keys(seeds, tmix):
     keys = np.empty(seeds.size, dtype=np.uint64)
     for k in range(seeds.size):
@@ -352,7 +356,7 @@ def _keys(seeds, tmix):
     return keys
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def _accumulate(acc, ig, m, keys, coeffs, is_gaussian, g, doubtful):
     """``acc[:m] += sum_k coeffs[k] * D(keys[k])`` in seed order (the branch is outside the loops)."""
     if is_gaussian:
@@ -368,7 +372,7 @@ def _accumulate(acc, ig, m, keys, coeffs, is_gaussian, g, doubtful):
                 acc[j] += rademacher(mix64(key + ig[j]), c)
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def _add_source(acc, m, lo, address, kind):
     """``acc[:m] = src[lo:lo+m] + acc[:m]`` for a float32, bfloat16 or float16 source."""
     if kind == F32:
@@ -385,7 +389,7 @@ def _add_source(acc, m, lo, address, kind):
             acc[j] = f16_to_f32(src16[j]) + acc[j]
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def _store(acc, ig, m, lo, address, kind, stochastic, rkey):
     """Write ``acc[:m]`` to ``out[lo:lo+m]``: round to nearest even, or stochastically with ``rkey``."""
     if kind == F32:
@@ -408,7 +412,7 @@ def _store(acc, ig, m, lo, address, kind, stochastic, rkey):
             out16[j] = f32_to_f16(acc[j])
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def _add_item(w, table, starts, seeds, coeffs, split, is_gaussian, stochastic):
     """Work item ``w`` of :func:`add_directions`: up to ``CHUNK`` elements of one tensor."""
     t = _tensor_of(starts, w)
@@ -469,7 +473,7 @@ def add_directions_serial(table, starts, seeds, coeffs, split, is_gaussian, stoc
         _add_item(w, table, starts, seeds, coeffs, split, is_gaussian, stochastic)
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def _load(buf, m, lo, address, kind):
     """``buf[:m] = float32(src[lo:lo+m])``."""
     if kind == F32:
@@ -505,7 +509,7 @@ def _lane_sum(g, padded):
     return lanes[0]
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def _project_unit(unit, table, starts, first_item, seeds, is_gaussian, partial):
     """Unit ``unit`` of :func:`project`: one ``PROJECT_CHUNK`` of one tensor, one group of seeds."""
     groups = (seeds.size + SEED_GROUP - 1) // SEED_GROUP
