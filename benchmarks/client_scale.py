@@ -1,13 +1,16 @@
 """A client at scale: memory against plain inference, step time against two forwards, rebuild time per seed.
 
-Two benchmarks, each against a reference written the way the official FedKSeed
-code does it (the model in its own dtype, ``copy.deepcopy`` of the server model
-per client, ``torch.manual_seed(seed)`` + ``torch.normal`` per parameter for every
-perturbation, restore and update), in the same run:
+Three benchmarks. Memory is always against plain inference of the same model;
+``client`` also runs a reference written the way the official FedKSeed code does
+it (the model in its own dtype, ``copy.deepcopy`` of the server model per client,
+``torch.manual_seed(seed)`` + ``torch.normal`` per parameter for every
+perturbation, restore and update) in the same run:
 
 * ``memory``: ``fedseed run`` (a real federated run through the CLI, 2 rounds, so
-  the second client rebuilds from ``w0``) on random-init Llamas of two sizes, for
-  each seed method and dtype. Peak resident set of the process (``ru_maxrss``,
+  the second client rebuilds from ``w0``), and the same run as a loopback Flower
+  deployment (a SuperNode and a resident worker per client, each with its own data
+  file; the node's peak), on random-init Llamas of two sizes, for each method and
+  dtype. Peak resident set of the process (``ru_maxrss``,
   what ``/usr/bin/time -v`` reports) minus the peak of a plain ``transformers``
   process that loads the same folder and runs one forward of ``--seq`` tokens;
   the slope of that difference between the two sizes per weight byte is the
@@ -30,7 +33,6 @@ name, date, load average, versions).
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import os
@@ -44,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 RESULTS = HERE / "results"
 # Random-init Llama shapes; vocab 512 is the stories260K tokenizer's, except where a real vocabulary's size matters.
 SHAPES = {
@@ -126,43 +129,27 @@ with torch.no_grad():
     return peak_of([sys.executable, "-c", script])[0]
 
 
-def run_config(folder: Path, dtype: str, method: str, out: Path, seq: int, device: str) -> str:
-    return f"""
-[run]
-output_dir = "{out}"
-seed = 1
-device = "{device}"
-[model]
-name_or_path = "{folder}"
-dtype = "{dtype}"
-[data]
-dataset = "dolly"
-path = "python:fedseed/assets/dolly-quickstart.jsonl.gz"
-holdout = "summarization"
-max_length = {seq}
-max_train_examples = 200
-[federation]
-num_clients = 2
-clients_per_round = 1
-rounds = 2
-[algorithm]
-name = "{method}"
-{chr(10).join(f"{k} = {json.dumps(v)}" for k, v in METHODS[method].items())}
-[eval]
-every = 2
-before = false
-loss_examples = 2
-generate_examples = 1
-max_new_tokens = 4
-batch_size = 1
-"""
+def run_config(folder: Path, dtype: str, method: str, out: Path, seq: int, device: str) -> dict[str, Any]:
+    """2 clients, one per round, 2 rounds: round 2's client rebuilds its copy from ``w0`` and round 1's update."""
+    return {
+        "run": {"output_dir": str(out), "seed": 1, "device": device},
+        "model": {"name_or_path": str(folder), "dtype": dtype},
+        "data": {"dataset": "dolly", "path": "python:fedseed/assets/dolly-quickstart.jsonl.gz",
+                 "holdout": "summarization", "max_length": seq, "max_train_examples": 200},
+        "federation": {"num_clients": 2, "clients_per_round": 1, "rounds": 2},
+        "algorithm": {"name": method, **METHODS[method]},
+        "eval": {"every": 2, "before": False, "loss_examples": 2, "generate_examples": 1, "max_new_tokens": 4,
+                 "batch_size": 1},
+    }
 
 
 def fedseed_run_peak(folder: Path, dtype: str, method: str, seq: int, device: str, cache: Path) -> int:
     """Peak resident set of ``fedseed run`` on ``folder`` (a real 2-round run through the CLI)."""
+    from fedseed.runfolder import to_toml
+
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "run.toml"
-        cfg.write_text(run_config(folder, dtype, method, Path(tmp) / "run", seq, device))
+        cfg.write_text(to_toml(run_config(folder, dtype, method, Path(tmp) / "run", seq, device)))
         script = f"""
 import sys
 from fedseed.cli import main
@@ -173,6 +160,23 @@ sys.exit(code)
         return peak_of([sys.executable, "-c", script], env={"FEDSEED_CACHE": str(cache)})[0]
 
 
+def flower_node_peak(folder: Path, dtype: str, method: str, seq: int, device: str, cache: Path) -> int:
+    """Peak resident set of a Flower node (its worker, SuperNode and ClientApps) in a loopback deployment of the
+    same run: one node per client, each with only its own data file, the server with none."""
+    from flower_bench import deployment
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = run_config(folder, dtype, method, Path(tmp) / "run", seq, device)
+        done = deployment(cfg, Path(tmp), worker=True, env={"FEDSEED_CACHE": str(cache)})
+        if done["status"] != "finished:completed" or len(done["rounds"]) != 2:
+            raise RuntimeError(f"the deployment of {method} on {folder.name} ended {done['status']} after "
+                               f"{len(done['rounds'])} rounds; see its logs")
+        return max(done["node_peak_bytes"].values())
+
+
+RUNNERS = {"fedseed run": fedseed_run_peak, "Flower node": flower_node_peak}
+
+
 def bench_memory(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     small, large = args.memory_sizes.split(",")
     rows = []
@@ -180,20 +184,22 @@ def bench_memory(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
         folders = {size: model_folder(root, size, dtype) for size in (small, large)}
         base = {size: inference_peak(f, dtype, args.seq, args.device) for size, f in folders.items()}
         gained = weight_bytes(folders[large]) - weight_bytes(folders[small])
-        for method in args.methods.split(","):
-            # the first run of a method compiles numba's kernels into its cache (and writes any base copy): not measured
-            fedseed_run_peak(folders[small], dtype, method, args.seq, args.device, root / "cache")
-            peaks = {size: fedseed_run_peak(f, dtype, method, args.seq, args.device, root / "cache")
-                     for size, f in folders.items()}
-            extra = {size: peaks[size] - base[size] for size in folders}
-            row = {"dtype": dtype, "method": method, "sizes": [small, large],
-                   "inference_peak": base, "fedseed_peak": peaks, "extra": extra,
-                   "weight_bytes": {s: weight_bytes(f) for s, f in folders.items()},
-                   "extra_per_weight_byte": (extra[large] - extra[small]) / gained}
-            rows.append(row)
-            print(f"memory {dtype:>8} {method:>12}: extra over inference {extra[small] / 2**20:7.0f} MB at {small}, "
-                  f"{extra[large] / 2**20:7.0f} MB at {large} -> {row['extra_per_weight_byte']:.3f} per weight byte",
-                  flush=True)
+        for runner in args.runners.split(","):
+            measure = RUNNERS[runner]
+            for method in args.methods.split(","):
+                # the first run of a method compiles numba's kernels into its cache (and writes any base copy)
+                fedseed_run_peak(folders[small], dtype, method, args.seq, args.device, root / "cache")
+                peaks = {size: measure(f, dtype, method, args.seq, args.device, root / "cache")
+                         for size, f in folders.items()}
+                extra = {size: peaks[size] - base[size] for size in folders}
+                row = {"dtype": dtype, "runner": runner, "method": method, "sizes": [small, large],
+                       "inference_peak": base, "fedseed_peak": peaks, "extra": extra,
+                       "weight_bytes": {s: weight_bytes(f) for s, f in folders.items()},
+                       "extra_per_weight_byte": (extra[large] - extra[small]) / gained}
+                rows.append(row)
+                print(f"memory {dtype:>8} {runner:>11} {method:>12}: extra over inference "
+                      f"{extra[small] / 2**20:7.0f} MB at {small}, {extra[large] / 2**20:7.0f} MB at {large} -> "
+                      f"{row['extra_per_weight_byte']:.3f} per weight byte", flush=True)
     return rows
 
 
@@ -339,6 +345,8 @@ def main() -> None:
     p.add_argument("--memory-sizes", default="130M,260M", help="the two sizes the memory slope is taken between")
     p.add_argument("--memory-dtypes", default="float32,bfloat16,float16")
     p.add_argument("--methods", default=",".join(METHODS), help="methods of the memory benchmark")
+    p.add_argument("--runners", default=",".join(RUNNERS), help="what the memory benchmark runs: "
+                   "'fedseed run' (in-process) and/or 'Flower node' (a loopback deployment's node)")
     p.add_argument("--seq", type=int, default=256, help="tokens per batch (and of the inference forward)")
     p.add_argument("--seeds", type=int, default=64, help="per-seed totals the client's sync rebuilds from")
     p.add_argument("--reference-seeds", type=int, default=16, help="seeds the reference's rebuild is timed on")

@@ -108,8 +108,8 @@ def in_process(cfg: dict[str, Any], root: Path) -> list[dict[str, Any]]:
     return rounds_of(Path(cfg["run"]["output_dir"]))
 
 
-def deployment(cfg: dict[str, Any], root: Path, worker: bool) -> dict[str, Any]:
-    """Start SuperLink + 3 SuperNodes (own data each), run, measure, stop everything."""
+def deployment(cfg: dict[str, Any], root: Path, worker: bool, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Start a SuperLink and one SuperNode per client (own data each), run, measure, stop everything."""
     from fedseed.config import load_config
     from fedseed.experiment import write_partition
     from fedseed.runfolder import to_toml
@@ -123,19 +123,21 @@ def deployment(cfg: dict[str, Any], root: Path, worker: bool) -> dict[str, Any]:
               "flower": {"round_timeout": 600.0, "startup_timeout": 120.0}}
     (root / "run.toml").write_text(to_toml(served))
     port = free_port()
-    env = {**os.environ, "FEDSEED_FLOWER_DIR": str(root / "flower"), "FLOWER_PORT": str(port),
-           "FLOWER_NODE_PORT": str(free_port(4)), "FLWR_HOME": str(root / "flower" / "flwr-home"),
+    nodes = cfg["federation"]["num_clients"]
+    env = {**os.environ, **(env or {}), "FEDSEED_FLOWER_DIR": str(root / "flower"), "FLOWER_PORT": str(port),
+           "FLOWER_NODE_PORT": str(free_port(nodes + 1)), "FLWR_HOME": str(root / "flower" / "flwr-home"),
            "PATH": f"{BIN}:{os.environ['PATH']}", "WORKER": "1" if worker else "0", "PARTS": str(parts)}
     scripts = REPO / "scripts"
     started = time.perf_counter()
     try:
-        subprocess.run([str(scripts / "flower-start.sh"), "3"], env=env, cwd=REPO, check=True, capture_output=True)
+        subprocess.run([str(scripts / "flower-start.sh"), str(nodes)], env=env, cwd=REPO, check=True,
+                       capture_output=True)
         done = subprocess.run([str(BIN / "flwr"), "run", str(REPO / "flower"), "loopback", "--run-config",
                                str(root / "run.toml"), "--format", "json"], env=env, cwd=REPO, capture_output=True,
                               text=True)
         run = json.loads(done.stdout)["run-id"]
         pids = {name: int((root / "flower" / "pids" / f"{name}.pid").read_text())
-                for name in [f"supernode{i}" for i in range(3)] + ([f"worker{i}" for i in range(3)] if worker else [])}
+                for name in [f"supernode{i}" for i in range(nodes)] + ([f"worker{i}" for i in range(nodes)] if worker else [])}
         peaks: dict[int, int] = {}
         while True:
             for pid in [p for root_pid in pids.values() for p in tree(root_pid)]:
@@ -146,7 +148,7 @@ def deployment(cfg: dict[str, Any], root: Path, worker: bool) -> dict[str, Any]:
                 break
             time.sleep(1.0)
         node_peaks = {}
-        for i in range(3):
+        for i in range(nodes):
             owned = tree(pids[f"supernode{i}"]) + (tree(pids[f"worker{i}"]) if worker else [])
             node_peaks[i] = max(peaks.get(p, 0) for p in owned) * 1024
         return {"rounds": rounds_of(out), "status": status["runs"][0]["status"],

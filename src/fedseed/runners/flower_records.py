@@ -22,9 +22,7 @@ function validates every field and raises :class:`RecordError` naming it.
 from __future__ import annotations
 
 import hashlib
-import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
@@ -70,8 +68,9 @@ class Answer:
     position: int  # ledger position of the node's cached copy after this message (0: base weights)
     frame: bytes
     stale: bool = False  # the node's copy was not at the instruction's ``since``; resend with ``position``
-    loss: float = 0.0  # what the encoded reply says, beside it for Flower tools; fedseed trusts only the frame
-    num_examples: int = 0
+    # what the encoded reply says, written beside it for Flower tools; never read back (the server trusts the frame)
+    loss: float = field(default=0.0, compare=False)
+    num_examples: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -156,16 +155,7 @@ def read_answer(msg: Message) -> Answer:
     rnd, client, position = _int(header, "round", 1), _int(header, "client", 0), _int(header, "position", 0)
     if header.get("stale", False) is True:
         return Answer(rnd, client, position, b"", stale=True)
-    return Answer(rnd, client, position, _payload(msg), loss=_metric(msg, "loss", float),
-                  num_examples=_metric(msg, "num-examples", int))
-
-
-def _metric(msg: Message, key: str, kind: type) -> Any:
-    records = msg.content.metric_records
-    value = records[METRICS].get(key) if METRICS in records else None
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value < 0 and kind is int:
-        raise RecordError(f"`{METRICS}.{key}` must be a finite {kind.__name__}, got {value!r}")
-    return value
+    return Answer(rnd, client, position, _payload(msg))
 
 
 def read_roll_call(msg: Message) -> str:
