@@ -52,11 +52,14 @@ if [[ ${GATEWAY:-0} == 1 ]]; then
   export SUPERLINK="127.0.0.2:$FLOWER_GATEWAY_PORT"
   echo "fleet gateway up on $SUPERLINK (pid $(cat "$D/pids/gateway.pid")): the Fleet API only"
 fi
+starting=()
 for ((i = 0; i < N; i++)); do
   if [[ ${TLS:-0} == 1 ]]; then
     flwr supernode register "$C/supernode$i.pub" "$CONNECTION" | tail -1
   fi
   : > "$D/logs/supernode$i.log"
   : > "$D/logs/worker$i.log"
-  "$HERE/flower-node.sh" "$i"
+  "$HERE/flower-node.sh" "$i" &   # the nodes start side by side, each waiting for its own worker and id
+  starting+=($!)
 done
+for pid in "${starting[@]}"; do wait "$pid" || { echo "a SuperNode did not start (logs in $D/logs)" >&2; exit 1; }; done

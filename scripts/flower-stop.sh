@@ -9,10 +9,10 @@ P=$FEDSEED_FLOWER_DIR/pids
 stopped=0
 tree() { local p; for p in $(pgrep -P "$1"); do echo "$p"; tree "$p"; done; }
 gone() { local p; for p in "$@"; do kill -0 "$p" 2>/dev/null && return 1; done; return 0; }
-stop() {  # SIGTERM the given PIDs, wait up to 10 s for them and all under them, SIGKILL what is left
+stop() {  # SIGTERM the given PIDs and all under them, wait up to 10 s for them, SIGKILL what is left
   local all=("$@") p
   for p in "$@"; do all+=($(tree "$p")); done
-  for p in "$@"; do kill -TERM "$p" 2>/dev/null; done
+  for p in "${all[@]}"; do kill -TERM "$p" 2>/dev/null; done   # the whole tree: an orphaned superexec lingers ~5 s
   for _ in $(seq 1 20); do gone "${all[@]}" && break; sleep 0.5; done
   for p in "${all[@]}"; do  # only if still a Flower process: PIDs get reused
     ps -p "$p" -o args= 2>/dev/null | grep -qE "flower-|flwr-|fedseed (worker|fleet-gateway)" && kill -KILL "$p" 2>/dev/null

@@ -478,6 +478,26 @@ def test_nodes_with_only_their_own_files_give_the_in_process_ledger(tmp_path):
     assert not (tmp_path / "flower" / "partition.json").exists()  # nobody partitioned anything
 
 
+def test_a_roll_call_answered_by_an_error_is_asked_again(tmp_path):
+    """A node that vanishes between being listed and answering sends Flower's error reply, which has no content."""
+    cfg = config(tmp_path / "run", FEDKSEED, rounds=1, per_round=3)
+    grid = LoopbackGrid(nodes(3, tmp_path, run_config(cfg)))
+    failed: list[int] = []
+
+    def vanish_once(ins: Message, answer: Message) -> list[Message]:
+        if ins.metadata.message_type == "query" and ins.metadata.dst_node_id == NODE_BASE + 2 and not failed:
+            failed.append(NODE_BASE + 2)
+            return [Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="gone"), reply_to=ins)]
+        return [answer]
+
+    grid.tamper = vanish_once
+    flower_run(cfg, tmp_path, grid)
+    [row] = [r for r in RunFolder(tmp_path / "run").metrics() if r["round"] > 0]
+    assert failed and row["accepted"] == [0, 1, 2]  # asked again at the next roll call, then trained
+    queries = [m for m in grid.sent if m.metadata.message_type == "query" and m.metadata.dst_node_id == NODE_BASE + 2]
+    assert len(queries) == 2
+
+
 def test_answers_carry_loss_and_examples_as_a_metric_record(tmp_path):
     cfg = config(tmp_path / "run", FEDKSEED, rounds=1)
     grid = flower_run(cfg, tmp_path)

@@ -245,7 +245,7 @@ def test_deployment_survives_killed_nodes_workers_and_server(loopback, tmp_path)
     """Every node trains on its own file and the server has none. Mid-run a node dies and rejoins, a worker dies and
     restarts, and the ServerApp process is SIGKILLed and relaunched; the ledger ends as the in-process one."""
     out = tmp_path / "run"
-    rounds = 5
+    rounds = 4
     cfg, parts = write_run_config(tmp_path / "run.toml", out, clients=3, rounds=rounds, algorithm=FEDKSEED,
                                   round_timeout=30.0, pin_nodes=False, resume=True)  # unauthenticated: new node ids
     loopback.script("flower-start.sh", "3", PARTS=str(parts))
@@ -254,18 +254,19 @@ def test_deployment_survives_killed_nodes_workers_and_server(loopback, tmp_path)
     loopback.kill_tree(loopback.pid("supernode1"))  # SIGKILL mid-run: the SuperLink keeps listing it for a while
     loopback.kill_tree(loopback.pid("worker1"))  # the whole machine: its worker too
     loopback.kill_tree(loopback.pid("worker2"))  # node 2 only loses its worker: its ClientApps work alone
-    loopback.wait("loopback", run, until=lambda: len(rows(out)) >= 2)
+    ledger = RunFolder(out).ledger_path
+    loopback.wait("loopback", run, until=lambda: ledger.is_file() and Ledger.open(ledger).rounds >= 2)
+    # The ServerApp is its own process (the SuperLink's SuperExec starts one per run): SIGKILL it alone, as round 3
+    # begins (tests/test_crash.py kills a server between every two writes of a commit).
+    [server] = serverapps(loopback)
+    loopback.kill_tree(server)
+    held = Ledger.open(ledger)  # no repair: never torn
+    assert 2 <= held.rounds < rounds, f"the kill landed at {held.rounds} ledger rounds"
     loopback.script("flower-node.sh", "1", PARTS=str(parts))  # back: new node id, same data file and cache
     socket2 = loopback.dir / "nodes" / "2" / "worker.sock"
     socket2.unlink(missing_ok=True)
     loopback.start([str(VENV_BIN / "fedseed"), "worker", "--socket", str(socket2)],
                    loopback.dir / "logs" / "worker2-restarted.log")
-    loopback.wait("loopback", run, until=lambda: len(rows(out)) >= 3)
-    # The ServerApp is its own process (the SuperLink's SuperExec starts one per run): SIGKILL it alone, mid-round.
-    [server] = serverapps(loopback)
-    loopback.kill_tree(server)
-    held = Ledger.open(RunFolder(out).ledger_path)  # no repair: never torn
-    assert 2 <= held.rounds < rounds, f"the kill landed at {held.rounds} ledger rounds"
     relaunched = loopback.launch("loopback", tmp_path / "run.toml")  # flower.resume = true: continue the ledger
     loopback.wait("loopback", relaunched, until=lambda: len(rows(out)) >= rounds)
     status = loopback.wait("loopback", relaunched, every=1)

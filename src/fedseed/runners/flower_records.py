@@ -168,5 +168,10 @@ def read_presence(msg: Message) -> Presence:
 
 
 def flower_bytes(msg: Message) -> int:
-    """What Flower counts for ``msg``'s content: each record's ``count_bytes()`` (public API; no HTTP framing)."""
+    """What Flower counts for ``msg``'s content: each record's ``count_bytes()`` (public API; no HTTP framing).
+
+    An error reply (a node that vanished, a ClientApp that raised) has no content: 0.
+    """
+    if not msg.has_content():
+        return 0
     return sum(record.count_bytes() for record in msg.content.values())

@@ -180,10 +180,17 @@ class WorkerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             return WorkReply(0, 0, b"", 0.0, 0, f"{type(e).__name__}: {e}")
 
 
+def _preload() -> None:
+    """Import what the first round needs (torch, transformers, the methods: seconds) while no round waits for it."""
+    import fedseed.experiment  # noqa: F401
+    import fedseed.runners.node  # noqa: F401
+
+
 def run_worker(path: Path) -> None:
-    """Serve until killed."""
+    """Serve until killed; the heavy imports happen in the background from the start, not in the first round."""
     with WorkerServer(path) as server:
         print(f"fedseed worker: serving {path} (pid {os.getpid()})", flush=True)
+        threading.Thread(target=_preload, daemon=True).start()  # a request meanwhile waits on the import lock
         server.serve_forever()
 
 
