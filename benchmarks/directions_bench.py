@@ -10,11 +10,12 @@ Sub-benchmarks (``--only``, default all):
 
 * ``perturb``   (a) one ``w += c D(seed)`` over the whole model, as a fraction of a plain copy's bandwidth;
 * ``sync``      (b) ``w = w0 + sum_k C_k D(seed_k)`` for K = 1024 and 4096 seeds;
-* ``zo``        (c) one FedKSeed step (two forwards, three perturbations) / two forwards;
+* ``zo``        (c) one FedKSeed step as a client takes it (two forwards, two passes) / two plain forwards;
 * ``memory``    (d) peak memory of a ZO step / peak memory of a forward (fresh process per measurement on CPU);
 * ``ferret``    (e) Ferret's projection ``V^T Delta`` per block and reconstruction ``V gamma``;
 * ``precision`` bfloat16 storage: fraction of ZO updates lost when rounding to nearest, and how
-  far bfloat16 runs (nearest, stochastic, master) end from the float32 run.
+  far bfloat16 runs end from the float32 run: perturbed in place (rounded to nearest, or
+  stochastically), and fedseed's way (perturbed copies, stochastically rounded updates).
 
 Each prints a table and writes ``benchmarks/results/<benchmark>-<device>.json`` with
 the device name, date and library versions. Defaults fit a 2-core CPU in about five
@@ -39,9 +40,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import tempfile
+
 import numpy as np
 import torch
 
+from fedseed.algorithms.zeroth_order import Perturbation
 from fedseed.directions import DirectionSpace, derive_seed
 from fedseed.directions.precision import lost_fraction
 from fedseed.locations import QUICKSTART_DATA, QUICKSTART_MODEL, resolve
@@ -163,23 +167,29 @@ def reference_sync(params: list[torch.Tensor], base: list[torch.Tensor], seeds, 
         reference_perturb(params, int(s) % 2**63, float(c))
 
 
-def zo_step_fused(perturb2: Callable[[list[int], list[float]], None], loss: Callable[[], float], seed: int,
-                  previous: tuple[int, float]) -> tuple[int, float]:
-    """A FedKSeed step whose first pass also finishes the previous step: two passes instead of three.
+def perturbation(model: torch.nn.Module, dist: str, precision: str = "stochastic") -> Perturbation:
+    """fedseed's zeroth-order steps on ``model`` as a client takes them (enter it before stepping).
 
-    ``previous`` is (seed, g) of the step before; its ``+eps - lr g`` restore-and-update
-    is added in the same fused call as this step's ``+eps``. Returns (seed, g) for the next.
+    Each module sees ``w + eps z`` in a scratch copy during its own forward; the
+    update is deferred into the next step's first pass: two passes per step, and
+    nothing to restore, so 16-bit weights change only by the updates.
     """
-    prev_seed, prev_g = previous
-    perturb2([prev_seed, seed], [EPS - LR * prev_g, EPS])
-    plus = loss()
-    perturb2([seed], [-2 * EPS])
-    minus = loss()
-    return seed, (plus - minus) / (2 * EPS)
+    from fedseed.models import LocalModel
+
+    model.requires_grad_(True)  # the trainable set; every forward here runs under no_grad
+    return Perturbation(LocalModel.wrap(model, None, Path(tempfile.mkdtemp(prefix="fedseed-bench-"))), dist, precision)
+
+
+def fedseed_step(zo: Perturbation, batch: dict[str, torch.Tensor], seed: int, lr: float = LR) -> float:
+    """One FedKSeed step the client's way; returns g."""
+    plus, minus = zo.two_point(batch, seed, EPS)
+    g = (plus - minus) / (2 * EPS)
+    zo.defer([seed], [-lr * g])
+    return g
 
 
 def zo_step(perturb: Callable[[int, float], None], loss: Callable[[], float], seed: int, lr: float = LR) -> float:
-    """One FedKSeed step: +eps, loss, -2 eps, loss, +eps - lr g. Returns g."""
+    """One FedKSeed step in place, the published way: +eps, loss, -2 eps, loss, +eps - lr g. Returns g."""
     perturb(seed, EPS)
     plus = loss()
     perturb(seed, -2 * EPS)
@@ -255,8 +265,7 @@ def bench_perturb(args, env) -> None:
             space = DirectionSpace(named, dist, precision=args.precision)
             seeds = iter(range(10**6))
             t = timed(lambda: space.add_([next(seeds)], [EPS]), args.device, reps=7, best=True)
-            extra = 2 * sum(m.numel() * 4 for m in space.masters if m is not None)  # master read + write
-            bw = (2 * nbytes + extra) / t
+            bw = 2 * nbytes / t
             rows.append(dict(size=size, params=sum(p.numel() for p in params), dtype=str(args.dtype).split(".")[-1],
                              distribution=dist, ours_s=t, reference_s=t_ref, speedup=t_ref / t, copy_s=t_copy,
                              bandwidth_GBps=bw / 1e9, copy_bandwidth_GBps=copy_bw / 1e9, fraction_of_copy=bw / copy_bw))
@@ -303,59 +312,51 @@ def bench_sync(args, env) -> None:
 
 # -- (c) ZO step -----------------------------------------------------------------------
 def bench_zo(args, env) -> None:
-    """Each step is timed whole and its two forwards inside it, so drifting machine load cancels out."""
+    """Each step is timed whole beside two plain forwards of the same batch, so drifting machine load cancels out."""
     rows = []
     for size in args.sizes:
         model = build_model(size, args.device, args.dtype)
-        named = named_params(model)
-        params = [p for _, p in named]
+        params = [p for _, p in named_params(model)]
         batch = token_batch(model, args.device, args.seq)
         sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-        forward_time = [0.0]
 
         def loss() -> float:
-            sync()
-            start = time.perf_counter()
             with torch.no_grad():
-                value = float(model(**batch).loss)
-            forward_time[0] += time.perf_counter() - start
-            return value
+                return float(model(**batch).loss)
 
         def ratio(step: Callable[[int], object], reps: int) -> tuple[float, float]:
-            """Median over steps of (step time, step time / its forwards' time)."""
+            """Median over steps of (step time, step time / the time of two plain forwards just before it)."""
             steps, ratios = [], []
             for i in range(reps + 1):
-                forward_time[0] = 0.0
                 sync()
+                start = time.perf_counter()
+                loss(), loss()
+                sync()
+                forwards = time.perf_counter() - start
                 start = time.perf_counter()
                 step(1000 + i)
                 sync()
                 if i:  # the first step warms up
                     steps.append(time.perf_counter() - start)
-                    ratios.append(steps[-1] / forward_time[0])
+                    ratios.append(steps[-1] / forwards)
             return statistics.median(steps), statistics.median(ratios)
 
         reps = args.zo_steps
         t_ref, r_ref = ratio(lambda seed: zo_step(lambda s, c: reference_perturb(params, s, c), loss, seed), reps)
         for dist in ("rademacher", "gaussian"):
-            space = DirectionSpace(named, dist, precision=args.precision)
-            t, r = ratio(lambda seed: zo_step(lambda s, c: space.add_([s], [c]), loss, seed), reps)
-            previous = [(999, 0.0)]
-
-            def fused(seed: int) -> None:
-                previous[0] = zo_step_fused(space.add_, loss, seed, previous[0])
-
-            t2, r2 = ratio(fused, reps)
+            with perturbation(model, dist) as zo:
+                t, r = ratio(lambda seed: fedseed_step(zo, batch, seed), reps)
+            model.requires_grad_(False)
             rows.append(dict(size=size, distribution=dist, tokens=batch["input_ids"].shape[1], ours_step_s=t,
-                             ours_step_over_two_forwards=r, ours_fused_step_over_two_forwards=r2,
-                             reference_step_s=t_ref, reference_step_over_two_forwards=r_ref))
-        del model, named, params
-    show("(c) one FedKSeed ZO step (3 perturbations + 2 forwards) / its two forwards", rows,
-         ["size", "distribution", "tokens", "ours_step_s", "ours_step_over_two_forwards",
-          "ours_fused_step_over_two_forwards", "reference_step_s", "reference_step_over_two_forwards"])
+                             ours_step_over_two_forwards=r, reference_step_s=t_ref,
+                             reference_step_over_two_forwards=r_ref))
+        del model, params
+    show("(c) one FedKSeed ZO step / two plain forwards: fedseed's (perturbed copies, deferred update: two passes) "
+         "and the reference (in place: three passes)", rows,
+         ["size", "distribution", "tokens", "ours_step_s", "ours_step_over_two_forwards", "reference_step_s",
+          "reference_step_over_two_forwards"])
     save("zo", env, rows, f"batch 1 x {args.seq} tokens; eps {EPS}, lr {LR}; median over {args.zo_steps} steps of "
-         "(step time / time of the step's own two forwards); fused: the restore-and-update of "
-         "a step shares one pass with the next step's +eps (two passes per step instead of three)")
+         "(step time / time of two plain forwards of the same batch taken just before the step)")
 
 
 # -- (d) memory ------------------------------------------------------------------------
@@ -379,7 +380,7 @@ def measure_memory(size: str, what: str, device: str, dtype: torch.dtype, precis
     named = named_params(model)
     params = [p for _, p in named]
     batch = token_batch(model, device, seq)
-    space = DirectionSpace(named, "rademacher", precision=precision)
+    zo = perturbation(model, "rademacher", precision).__enter__() if what == "ours" else None
     DirectionSpace([("warm", torch.zeros(8, device=device))], "rademacher").add_([1], [1.0])  # load kernels
 
     def loss() -> float:
@@ -389,7 +390,7 @@ def measure_memory(size: str, what: str, device: str, dtype: torch.dtype, precis
     with torch.no_grad():  # warm the model code on one token (allocates almost nothing)
         model(input_ids=batch["input_ids"][:, :1])
     run = {"forward": loss,
-           "ours": lambda: zo_step(lambda s, c: space.add_([s], [c]), loss, 3),
+           "ours": lambda: (fedseed_step(zo, batch, 3), zo.flush()),  # type: ignore[arg-type]
            "reference": lambda: zo_step(lambda s, c: reference_perturb(params, s, c), loss, 3)}[what]
     if device == "cuda":
         torch.cuda.synchronize()
@@ -510,33 +511,45 @@ def bench_precision(args, env) -> None:
         with torch.no_grad():
             return float(model.to(dtype)(**held).loss)
 
-    def run(dtype: torch.dtype, precision: str, lr: float, replay: list[tuple[int, float]] | None):
-        """``steps`` ZO steps from w0; returns the (seed, g) pairs, the stored weights and the lost fraction."""
+    def run(dtype: torch.dtype, mode: str, lr: float, replay: list[tuple[int, float]] | None):
+        """``steps`` ZO steps from w0; returns the (seed, g) pairs, the stored weights and the lost fraction.
+
+        ``mode``: "nearest" or "stochastic" perturb and update the weights in place
+        with that rounding (the published way); "fedseed" perturbs scratch copies and
+        rounds only the updates, stochastically (what a fedseed client does).
+        """
         model.float()
         with torch.no_grad():
             for (_, p), w in zip(named, w0):
                 p.copy_(w)
         model.to(dtype)
-        space = DirectionSpace(named_params(model), "rademacher", precision=precision)
+        zo = perturbation(model, "rademacher").__enter__() if mode == "fedseed" else None
+        space = zo.space if zo else DirectionSpace(named_params(model), "rademacher", precision=mode)
         pairs, lost = [], []
         for i in range(steps):
             if replay is None:
-
-                def loss() -> float:
-                    with torch.no_grad():
-                        return float(model(**train[i]).loss)
-
                 seed = derive_seed(5, i)
-                g = zo_step(lambda s, c: space.add_([s], [c]), loss, seed, lr)
+                if zo:
+                    g = fedseed_step(zo, train[i], seed, lr)
+                else:
+
+                    def loss() -> float:
+                        with torch.no_grad():
+                            return float(model(**train[i]).loss)
+
+                    g = zo_step(lambda s, c: space.add_([s], [c]), loss, seed, lr)
             else:
                 seed, g = replay[i]
                 if i % 10 == 0:  # would lr g z, added to the current weights, survive rounding to nearest?
                     z = space.materialize(seed)
                     lost.append(np.mean([lost_fraction(p.detach().float(), -lr * g * d, dtype)
                                          for (_, p), d in zip(named_params(model), z)]))
-                for c in (EPS, -2 * EPS, EPS - lr * g):
+                for c in ([-lr * g] if zo else (EPS, -2 * EPS, EPS - lr * g)):
                     space.add_([seed], [c])
             pairs.append((seed, g))
+        if zo:
+            zo.__exit__(None, None, None)  # applies the last deferred update
+            model.requires_grad_(False)
         stored = torch.cat([p.detach().float().reshape(-1) for _, p in named_params(model)])
         return pairs, stored, (float(np.mean(lost)) if lost else 0.0)
 
@@ -549,12 +562,12 @@ def bench_precision(args, env) -> None:
         rows.append(dict(lr=lr, run="float32", eval_loss=loss32, eval_loss_in_bfloat16=loss32_in_bf16,
                          update_norm=float((w32 - start).norm())))
         trains = lr == max(args.precision_lrs)  # the loss only moves visibly at the larger rate
-        for precision in ("nearest", "stochastic", "master"):
-            _, replayed, lost = run(torch.bfloat16, precision, lr, pairs32)
+        for mode in ("nearest", "stochastic", "fedseed"):
+            _, replayed, lost = run(torch.bfloat16, mode, lr, pairs32)
             error = float((replayed - best16).norm() / (best16 - start).norm())
-            row = dict(lr=lr, run=f"bfloat16 {precision}", update_error_vs_float32=error, lost_update_fraction=lost)
+            row = dict(lr=lr, run=f"bfloat16 {mode}", update_error_vs_float32=error, lost_update_fraction=lost)
             if trains:
-                _, own, _ = run(torch.bfloat16, precision, lr, None)
+                _, own, _ = run(torch.bfloat16, mode, lr, None)
                 row["tracking_error"] = float((own - best16).norm() / (best16 - start).norm())
                 row["eval_loss"] = evaluate(torch.bfloat16)
             rows.append(row)
@@ -567,6 +580,8 @@ def bench_precision(args, env) -> None:
          ["lr", "run", "update_error_vs_float32", "lost_update_fraction", "tracking_error", "eval_loss",
           "eval_loss_in_bfloat16"])
     save("precision", env, rows,
+         "modes: nearest / stochastic perturb and update the weights in place with that rounding; fedseed perturbs "
+         "scratch copies (the weights see only the updates, stochastically rounded); "
          "update_error_vs_float32: the float32 run's (seed, g) steps replayed in bfloat16, "
          "||w16 - bf16(w32)|| / ||bf16(w32) - w0|| (0: as close as bfloat16 can be); lost_update_fraction: share of "
          "the elements of lr g z that leave a bfloat16 weight unchanged under rounding to nearest (every 10th step "
@@ -584,7 +599,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "_memory":  # internal: one memory measurement in a fresh process
         p = argparse.ArgumentParser()
         p.add_argument("cmd"), p.add_argument("size"), p.add_argument("what")
-        p.add_argument("--dtype", default="float32"), p.add_argument("--precision", default="master")
+        p.add_argument("--dtype", default="float32"), p.add_argument("--precision", default="stochastic")
         p.add_argument("--seq", type=int, default=SEQ)
         a = p.parse_args(argv)
         print(json.dumps(measure_memory(a.size, a.what, "cpu", getattr(torch, a.dtype), a.precision, a.seq)))
@@ -595,8 +610,8 @@ def main(argv: list[str] | None = None) -> None:
                    "(default: stories260K,100M on CPU; 125M,1.3B,3B on CUDA)")
     p.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {list(BENCHES)}")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
-    p.add_argument("--precision", default="master", choices=["nearest", "stochastic", "master"],
-                   help="DirectionSpace precision for 16-bit models")
+    p.add_argument("--precision", default="stochastic", choices=["nearest", "stochastic"],
+                   help="how results are rounded into 16-bit weights (zeroth-order updates: stochastic)")
     p.add_argument("--seeds", default="1024,4096", help="K values of the sync benchmark")
     p.add_argument("--seq", type=int, default=SEQ, help="tokens of the ZO / memory benchmarks' batch (batch size 1)")
     p.add_argument("--budget", type=float, default=None,

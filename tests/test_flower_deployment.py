@@ -130,12 +130,15 @@ class Loopback:
         self.seen |= {proc.pid, *children(proc.pid)}
         return proc
 
-    def kill_tree(self, pid: int) -> None:
-        """SIGKILL a process and everything under it: a machine that dies."""
+    def kill_tree(self, pid: int, sig: int = signal.SIGKILL) -> None:
+        """Signal a process and everything under it: SIGKILL, a machine that dies; SIGTERM, one that shuts down."""
         tree = [pid, *children(pid)]
         self.seen |= set(tree)
         for p in tree:
-            os.kill(p, signal.SIGKILL)
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:  # a ClientApp that ended meanwhile
+                pass
 
     def end_all(self) -> None:
         self.remember()
@@ -242,17 +245,24 @@ def serverapps(loopback: Loopback) -> list[int]:
 
 
 def test_deployment_survives_killed_nodes_workers_and_server(loopback, tmp_path):
-    """Every node trains on its own file and the server has none. Mid-run a node dies and rejoins, a worker dies and
-    restarts, and the ServerApp process is SIGKILLed and relaunched; the ledger ends as the in-process one."""
+    """Every node trains on its own file and the server has none. Mid-run a node leaves and rejoins, a worker dies and
+    restarts, and the ServerApp process is SIGKILLed and relaunched; the ledger ends as the in-process one.
+
+    A node that leaves (SIGTERM: it signs off) is unknown to the SuperLink at once, so its client is dropped after
+    ``flower.grace``; one that is SIGKILLed stays listed for up to a minute and its task expires with the round
+    (tests/test_flower.py covers that silent node)."""
     out = tmp_path / "run"
     rounds = 4
     cfg, parts = write_run_config(tmp_path / "run.toml", out, clients=3, rounds=rounds, algorithm=FEDKSEED,
-                                  round_timeout=30.0, pin_nodes=False, resume=True)  # unauthenticated: new node ids
+                                  round_timeout=60.0, grace=2.0, pin_nodes=False,  # unauthenticated: new node ids
+                                  resume=True)
     loopback.script("flower-start.sh", "3", PARTS=str(parts))
     run = loopback.launch("loopback", tmp_path / "run.toml")
     loopback.wait("loopback", run, until=lambda: len(rows(out)) >= 1)
-    loopback.kill_tree(loopback.pid("supernode1"))  # SIGKILL mid-run: the SuperLink keeps listing it for a while
-    loopback.kill_tree(loopback.pid("worker1"))  # the whole machine: its worker too
+    # Mid-run node 1's machine shuts down: its SuperNode signs off, and its ClientApps stop, so whatever it had
+    # pulled of round 2 is never answered (the round was opened a moment ago; no ClientApp starts that fast) ...
+    loopback.kill_tree(loopback.pid("supernode1"), signal.SIGTERM)
+    loopback.kill_tree(loopback.pid("worker1"))  # ... and its worker is gone too
     loopback.kill_tree(loopback.pid("worker2"))  # node 2 only loses its worker: its ClientApps work alone
     ledger = RunFolder(out).ledger_path
     loopback.wait("loopback", run, until=lambda: ledger.is_file() and Ledger.open(ledger).rounds >= 2)
