@@ -140,17 +140,8 @@ class BaseWeights:
     def groups(self, rows: Sequence[int] | None = None, max_bytes: int = GROUP_BYTES) -> list[list[int]]:
         """``rows`` (default: all) cut into consecutive groups of at most ``max_bytes`` (a larger tensor alone)."""
         rows = list(range(len(self.sources))) if rows is None else list(rows)
-        out: list[list[int]] = []
-        size = 0
-        for j in rows:
-            n = self.shapes[j].numel() * self.dtypes[j].itemsize
-            if out and size + n <= max_bytes:
-                out[-1].append(j)
-                size += n
-            else:
-                out.append([j])
-                size = n
-        return out
+        sizes = [self.shapes[j].numel() * self.dtypes[j].itemsize for j in rows]
+        return [[rows[i] for i in group] for group in consecutive_groups(sizes, max_bytes)]
 
     @contextmanager
     def read(self, rows: Sequence[int], check: bool = True) -> Iterator[list[torch.Tensor]]:
@@ -219,18 +210,22 @@ def snapshot(named: Sequence[tuple[str, torch.Tensor]], folder: Path) -> BaseWei
                        [t.dtype for _, t in named])
 
 
-def _parts(named: Sequence[tuple[str, torch.Tensor]]) -> list[list[int]]:
-    parts: list[list[int]] = []
+def consecutive_groups(sizes: Sequence[int], limit: int) -> list[list[int]]:
+    """Indices of ``sizes`` in runs whose sizes sum to at most ``limit``; an item above ``limit`` is a run alone."""
+    groups: list[list[int]] = []
     filled = 0
-    for j, (_, t) in enumerate(named):
-        n = t.numel() * t.element_size()
-        if parts and filled + n <= PART_BYTES:
-            parts[-1].append(j)
+    for i, n in enumerate(sizes):
+        if groups and filled + n <= limit:
+            groups[-1].append(i)
             filled += n
         else:
-            parts.append([j])
+            groups.append([i])
             filled = n
-    return parts
+    return groups
+
+
+def _parts(named: Sequence[tuple[str, torch.Tensor]]) -> list[list[int]]:
+    return consecutive_groups([t.numel() * t.element_size() for _, t in named], PART_BYTES)
 
 
 def _write_parts(named: Sequence[tuple[str, torch.Tensor]], folder: Path, stem: str, reuse: bool) -> list[Source]:

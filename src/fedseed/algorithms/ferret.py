@@ -39,7 +39,7 @@ import torch
 
 from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, require
 from fedseed.algorithms.robust import capped_weights, clip_norms, clip_values, whole_rows
-from fedseed.base_weights import BaseWeights, snapshot
+from fedseed.base_weights import BaseWeights, consecutive_groups, snapshot
 from fedseed.directions import DISTRIBUTIONS, DirectionSpace, derive_seed
 from fedseed.models import DIRTY, LocalModel, checkpointed_layers
 from fedseed.wire import F32, F32Array, F64Array, U32, U64, UIntArray, message
@@ -169,17 +169,7 @@ def partition_blocks(sizes: Sequence[int], block_size: int) -> list[list[int]]:
     is the official code's rule, ``0.9 x`` the median tensor size, so the blocks
     follow the model: every large matrix alone, the small norms grouped.
     """
-    target = block_size or int(BLOCK_FRACTION * float(np.median(sizes)))
-    blocks: list[list[int]] = []
-    filled = 0
-    for i, n in enumerate(sizes):
-        if blocks and blocks[-1] and filled + n <= target:
-            blocks[-1].append(i)
-            filled += n
-        else:
-            blocks.append([i])
-            filled = n
-    return blocks
+    return consecutive_groups(sizes, block_size or int(BLOCK_FRACTION * float(np.median(sizes))))
 
 
 def second_moment(distribution: str) -> float:
