@@ -285,3 +285,48 @@ def test_config_errors_name_the_field(run):
         experiment_config(Path("/tmp/unused"), {**ALGORITHM, "eps": 1e-3})
     with pytest.raises(ValueError, match="algorithm.num_bases"):
         Ferret(FerretConfig(num_bases=64), seed=0).bind(exp.model)  # 41 blocks need 82
+
+
+# -- local training without a gradient buffer ------------------------------------------
+
+
+def test_joint_loss_is_the_mean_of_the_batch_losses_with_the_same_gradient(run):
+    """One stacked forward (what lets Ferret drop each gradient at once) against accumulating batch by batch."""
+    exp, _, _ = run
+    model = fresh_model()
+    stream = exp.batches(1, 0)
+    batches = [next(stream) for _ in range(3)]
+    assert len({b["input_ids"].shape[1] for b in batches}) > 1  # different lengths: the stack pads
+    params = [p for _, p in model.trainable]
+    with torch.enable_grad():
+        for b in batches:
+            (model.loss(b) / len(batches)).backward()
+        accumulated = [p.grad.clone() for p in params]
+        model.module.zero_grad(set_to_none=True)
+        joint, parts = model.joint_loss(batches)
+        joint.backward()
+    with torch.no_grad():
+        separate = [float(model.loss(b)) for b in batches]
+    assert parts == pytest.approx(separate, rel=1e-5) and float(joint) == pytest.approx(np.mean(separate), rel=1e-5)
+    for name_p, g, p in zip(model.trainable, accumulated, params):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6, msg=name_p[0])
+
+
+def test_fused_sgd_steps_are_the_buffered_sgd_steps(run):
+    """Ferret's SGD stepping each tensor inside the backward ends where accumulate-then-step ends."""
+    from fedseed.algorithms.ferret import _buffered_steps, _fused_sgd_steps
+
+    exp, _, _ = run
+    cfg = FerretConfig(local_steps=3, grad_accum=2, lr=3e-3)
+    ends = []
+    for steps in (_fused_sgd_steps, _buffered_steps):
+        model = fresh_model()
+        with torch.enable_grad():
+            out = steps(model, exp.batches(1, 0), cfg)
+        assert out[:2] == (3, 0) and len(out[2]) == 6
+        assert all(p.grad is None for _, p in model.trainable)  # nothing of the gradient is left behind
+        ends.append([p.detach().clone() for _, p in model.trainable])
+    start = [p for _, p in fresh_model().trainable]
+    for fused, buffered, w0 in zip(*ends, start):
+        assert not torch.equal(fused, w0)
+        torch.testing.assert_close(fused - w0, buffered - w0, rtol=1e-3, atol=1e-7)

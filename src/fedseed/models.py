@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from fedseed.base_weights import BaseWeights, default_cache_dir
@@ -226,3 +227,32 @@ class LocalModel:
         """Mean loss of one batch (tokens with label -100 excluded)."""
         device = next(self.module.parameters()).device
         return self.module(**{k: v.to(device) for k, v in batch.items()}).loss
+
+    def joint_loss(self, batches: Sequence[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, list[float]]:
+        """The mean of :meth:`loss` over ``batches``, from one forward over them stacked; and each one's loss.
+
+        Accumulating gradients batch by batch keeps a gradient the size of the
+        weights alive until the last batch's backward. One backward through the
+        stacked batches (right-padded, padding masked) completes each tensor's
+        gradient once, so a hook can use it and drop it at once (Ferret's fused
+        SGD). The loss is what the model's own loss computes per batch (float32
+        cross-entropy; causal LMs over shifted labels, -100 excluded), averaged.
+        """
+        device = next(self.module.parameters()).device
+        width = max(b["input_ids"].shape[1] for b in batches)
+
+        def stacked(key: str) -> torch.Tensor:  # (sum of B, width)
+            return torch.cat([F.pad(b[key], (0, width - b[key].shape[1])) for b in batches]).to(device)
+
+        logits = self.module(input_ids=stacked("input_ids"), attention_mask=stacked("attention_mask")).logits
+        losses, row = [], 0
+        for b in batches:
+            part, labels = logits[row: row + len(b["labels"])].float(), b["labels"].to(device)
+            row += len(labels)
+            if labels.dim() == 2:  # causal LM: position t predicts token t + 1
+                labels = F.pad(labels, (0, width + 1 - labels.shape[1]), value=-100)[:, 1:]
+                part = part.reshape(-1, part.shape[-1])
+            losses.append(F.cross_entropy(part, labels.reshape(-1) if labels.dim() == 2 else labels,
+                                          ignore_index=-100))
+        joint = torch.stack(losses).mean()
+        return joint, [float(loss.detach()) for loss in losses]

@@ -21,9 +21,14 @@ and a party that missed rounds replays them in order. The server keeps the
 committed updates in memory; a task carries the rounds its client lacks.
 
 Local training does not leave the model changed: ``train`` measures the update
-against a copy of the synced weights (which it needs for ``Delta`` anyway) and
-copies them back, so the copy stays at its ledger position and the next task
-carries only the rounds committed since.
+against a copy of the synced weights written to disk (which it needs for
+``Delta`` anyway) and copies them back, so the copy stays at its ledger position
+and the next task carries only the rounds committed since.
+
+Memory: with SGD (the official setting) a tensor is stepped inside the backward
+the moment its gradient is complete, and the gradient dropped, so a client holds
+no gradient the size of the weights; with Adam it holds the gradient and both
+moments, as any Adam does.
 """
 
 from __future__ import annotations
@@ -397,7 +402,53 @@ def _optimizer(params: list[torch.nn.Parameter], cfg: FerretConfig) -> torch.opt
 
 
 def _local_steps(model: LocalModel, batches: Batches, cfg: FerretConfig) -> tuple[int, int, list[float]]:
-    """``local_steps`` optimizer steps of ``grad_accum`` batches each; returns (steps, skipped, losses).
+    """``local_steps`` optimizer steps of ``grad_accum`` batches each; returns (steps, skipped, losses)."""
+    return (_fused_sgd_steps if cfg.optimizer == "sgd" else _buffered_steps)(model, batches, cfg)
+
+
+def _fused_sgd_steps(model: LocalModel, batches: Batches, cfg: FerretConfig) -> tuple[int, int, list[float]]:
+    """SGD with no gradient buffer: each tensor steps the moment its gradient is complete, and drops it.
+
+    A client's memory is then that of inference plus one layer's activations
+    (checkpointed) and one tensor's gradient, instead of a gradient per weight.
+    The step's ``grad_accum`` batches go through one forward, stacked
+    (:meth:`LocalModel.joint_loss`: the same mean loss as accumulating them, so
+    the same step up to float summation order). A step with a non-finite loss is
+    skipped; a tensor whose gradient is not finite keeps its value for the step,
+    and the step counts as skipped.
+    """
+    broken: list[str] = []
+
+    @torch.no_grad()
+    def step(name: str, p: torch.Tensor) -> None:
+        grad, p.grad = p.grad, None
+        if bool(torch.isfinite(grad).all()):
+            p.add_(grad, alpha=-cfg.lr)
+        else:
+            broken.append(name)
+
+    handles = [p.register_post_accumulate_grad_hook(lambda p, name=name: step(name, p)) for name, p in model.trainable]
+    skipped, losses = 0, []
+    try:
+        for _ in range(cfg.local_steps):
+            loss, parts = model.joint_loss([next(batches) for _ in range(cfg.grad_accum)])
+            if not bool(torch.isfinite(loss)):
+                skipped += 1
+                continue
+            broken.clear()
+            loss.backward()
+            if broken:
+                skipped += 1
+            else:
+                losses.extend(parts)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return cfg.local_steps, skipped, losses
+
+
+def _buffered_steps(model: LocalModel, batches: Batches, cfg: FerretConfig) -> tuple[int, int, list[float]]:
+    """Optimizer steps over accumulated gradients (Adam needs the whole gradient, and keeps two moments).
 
     A step whose batches give a non-finite loss or gradient is skipped (no update)
     and counted, never silently folded in.
