@@ -43,3 +43,20 @@ def test_fedavg_raises_sst2_accuracy(tmp_path):
     assert rows[0]["accuracy"] < 60  # an untrained head is a coin flip
     assert rows[-1]["accuracy"] > 70, rows  # measured: 49.0 -> 45.5 -> 76.5
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+
+
+def test_joint_loss_of_classification_batches_is_their_mean_loss(tmp_path):
+    """Ferret's stacked forward on an encoder with a class head: each batch's loss as the model computes it."""
+    from fedseed.experiment import Experiment
+    from fedseed.models import LocalModel, content_hash
+
+    cfg = load_config(_config(tmp_path, {"name": "ferret"}, max_train_examples=64, batch_size=4))
+    module, tok = load(cfg)
+    exp = Experiment(cfg, LocalModel.wrap(module, cache_dir=tmp_path / "cache"), tok, prepare_data(cfg, tok),
+                     content_hash(module))
+    stream = exp.batches(1, 0)
+    batches = [next(stream) for _ in range(3)]
+    with torch.no_grad():
+        joint, parts = exp.model.joint_loss(batches)
+        separate = [float(exp.model.loss(b)) for b in batches]
+    assert parts == pytest.approx(separate, rel=1e-5) and float(joint) == pytest.approx(sum(separate) / 3, rel=1e-5)
