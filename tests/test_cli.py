@@ -76,3 +76,29 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert "unknown key `algorithm.tau`" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "o")]) == 2
     assert "no ledger at" in capsys.readouterr().err
+
+
+def test_partition_writes_one_file_per_client_holding_exactly_its_share(tmp_path, capsys):
+    """What `fedseed partition` hands each data owner is what the in-process runner gives that client."""
+    from fedseed.config import load_config
+    from fedseed.data.loaders import load_examples
+    from fedseed.experiment import partition_examples, split_examples
+
+    cfg = small_config(tmp_path / "run")
+    path = tmp_path / "exp.toml"
+    path.write_text(to_toml(cfg))
+    assert main(["partition", str(path), "--out", str(tmp_path / "parts")]) == 0
+    printed = capsys.readouterr().out
+    config = load_config(cfg)
+    train, heldout = split_examples(config)
+    shares = partition_examples(config, train).clients
+    files = sorted((tmp_path / "parts").glob("client-*"))
+    assert len(files) == len(shares) == 6
+    for c, (f, idx) in enumerate(zip(files, shares)):
+        assert f'partition-id={c} data.path="{f}"' in printed
+        mine = load_examples("dolly", f, "train")
+        assert [(e.instruction, e.input, e.output) for e in mine] == \
+            [(train[i].instruction, train[i].input, train[i].output) for i in idx]
+    held = load_examples("dolly", tmp_path / "parts" / "eval.jsonl", "test")
+    assert [e.output for e in held] == [e.output for e in heldout]
+    assert main(["partition", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "x")]) == 2
