@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -52,6 +54,10 @@ def test_export_loads_with_from_pretrained_and_equals_the_ledger_model(cli_run, 
     _, run = cli_run
     assert main(["export", str(run), str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (tmp_path / "hf").iterdir():  # others can load it, as far as the umask allows
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     rebuilt = rebuild(run)
     state = dict(exported.named_parameters())

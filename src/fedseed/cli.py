@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -132,6 +133,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _readable_as_umask_allows(folder: Path) -> None:
+    """An exported model is for others to load: transformers writes its weights 0600 (a private
+    temporary file renamed into place), so give every file the mode a plain ``open`` would have."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from fedseed.replay import rebuild
 
@@ -140,6 +151,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     module = rebuilt.algorithm.export(rebuilt.model)
     module.save_pretrained(out, safe_serialization=True)
     rebuilt.tokenizer.save_pretrained(out)
+    _readable_as_umask_allows(out)
     print(f"wrote round {rebuilt.algorithm.committed} of {args.run_dir} to {out} (safetensors); "
           f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
