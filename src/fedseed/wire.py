@@ -5,7 +5,7 @@ tag. Its fields are annotated with the wire kinds below, and that annotation *is
 the encoding: fields in declaration order, little-endian, no padding, no names.
 
     frame  = b"FS" | version u8 | tag u8 | field*
-    u8/u16/u32/u64/i64/f32/f64   fixed width
+    u8/u32/u64/f32/f64           fixed width
     str                          u32 byte length | utf-8
     bytes                        u32 length | raw
     uint[]                       u32 count | u8 width (1, 2, 4 or 8) | count * width
@@ -46,10 +46,8 @@ class Kind:
 
 
 U8 = Annotated[int, Kind("u8")]
-U16 = Annotated[int, Kind("u16")]
 U32 = Annotated[int, Kind("u32")]
 U64 = Annotated[int, Kind("u64")]
-I64 = Annotated[int, Kind("i64")]
 F32 = Annotated[float, Kind("f32")]
 F64 = Annotated[float, Kind("f64")]
 Str = Annotated[str, Kind("str")]
@@ -58,7 +56,7 @@ UIntArray = Annotated[np.ndarray, Kind("uint[]")]
 F32Array = Annotated[np.ndarray, Kind("f32[]")]
 F64Array = Annotated[np.ndarray, Kind("f64[]")]
 
-_SCALARS = {"u8": "<B", "u16": "<H", "u32": "<I", "u64": "<Q", "i64": "<q", "f32": "<f", "f64": "<d"}
+_SCALARS = {"u8": "<B", "u32": "<I", "u64": "<Q", "f32": "<f", "f64": "<d"}
 _FLOAT_ARRAYS = {"f32[]": np.dtype("<f4"), "f64[]": np.dtype("<f8")}
 _UINT_WIDTHS = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 
