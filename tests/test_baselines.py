@@ -254,3 +254,33 @@ def test_fedzo_step_is_the_two_point_estimate_along_fresh_directions(base, tmp_p
 def test_config_errors_name_the_field(table: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=f"`{field}`"):
         algorithm_config(table)
+
+
+def test_first_order_rounds_draw_no_dropout_and_repeat_bit_for_bit(tmp_path) -> None:
+    """A model with heavy dropout: two local rounds from the same weights on the same batches are identical.
+
+    In train mode each round would draw its own dropout masks from torch's global
+    generator and the two deltas would differ.
+    """
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fedseed.algorithms.fedavg import FedAvgConfig, first_order_steps
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5,
+                        num_labels=2)
+    module = BertForSequenceClassification(config).eval()
+    model = LocalModel.wrap(module, cache_dir=tmp_path)
+    batch = {"input_ids": torch.randint(0, 64, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 1, 0])}
+    cfg = FedAvgConfig(local_steps=3, lr=1e-2, optimizer="sgd")
+    rounds = []
+    for _ in range(2):
+        model.reset_()
+        run = first_order_steps(model, iter(lambda: batch, None), cfg)
+        rounds.append([p.detach().clone() for _, p in model.trainable])
+        assert run.skipped == 0 and not module.training
+    model.reset_()
+    assert all(torch.equal(a, b) for a, b in zip(*rounds))
+    assert not all(torch.equal(a, w0) for a, (_, w0) in zip(rounds[0], model.trainable))  # the rounds did train

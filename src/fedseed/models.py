@@ -78,7 +78,7 @@ def load_model(name_or_path: str, *, task: str = "causal-lm", dtype: str = "floa
     except OSError as e:
         raise ModelError(f"could not load model {name_or_path!r}: {e}") from None
     model.to(device)
-    model.eval()  # no dropout: a zeroth-order step compares two forwards of the same function
+    model.eval()  # no dropout, for every method: see fedavg.first_order_steps
     return model, tokenizer
 
 

@@ -63,8 +63,13 @@ def _accumulate(model: LocalModel, batches: Batches, grad_accum: int) -> float:
 
 
 def first_order_steps(model: LocalModel, batches: Batches, cfg: FedAvgConfig) -> LocalRun:
-    """``cfg.local_steps`` optimiser steps on ``model.trainable``, in train mode, back to eval after.
+    """``cfg.local_steps`` optimiser steps on ``model.trainable``, the model staying in eval mode.
 
+    Every fedseed method trains without dropout: dropout would draw from torch's
+    global generator, so a client's round would depend on what else the process
+    drew before it, and replays, resumes and the Flower runner would not agree bit
+    for bit. (Ferret and FedKRSO stay in eval mode for the same reason; the
+    zeroth-order methods must, since a step compares two forwards of one function.)
     A step whose loss or gradient norm is not finite is skipped (counted, no
     update), so one bad batch cannot poison the weights.
     """
@@ -74,7 +79,6 @@ def first_order_steps(model: LocalModel, batches: Batches, cfg: FedAvgConfig) ->
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     losses: list[float] = []
     skipped = 0
-    model.module.train()
     try:
         with torch.enable_grad():
             for _ in range(cfg.local_steps):
@@ -88,7 +92,6 @@ def first_order_steps(model: LocalModel, batches: Batches, cfg: FedAvgConfig) ->
                 losses.append(loss)
     finally:
         optimizer.zero_grad(set_to_none=True)  # free the gradients: evaluation and ZO methods need no grads
-        model.module.eval()
     return LocalRun(cfg.local_steps, skipped, losses)
 
 
