@@ -19,7 +19,7 @@ def test_every_shipped_config_is_valid():
 @pytest.mark.parametrize(
     "cfg, words",
     [
-        ({"data": {"bogus": 1}}, "unknown key `data.bogus`; valid keys in [data]: alpha, batch_size"),
+        ({"data": {"bogus": 1}}, "unknown key `data.bogus`; valid keys in [data]: alpha, balance, batch_size"),
         ({"colour": {}}, "unknown section [colour]"),
         ({"run": {"device": "tpu"}}, "`run.device` must be one of cpu, cuda; got 'tpu'"),
         ({"algorithm": {"name": "fedsgd"}}, "`algorithm.name` must be one of fedkseed"),
@@ -30,6 +30,10 @@ def test_every_shipped_config_is_valid():
         ({"federation": {"num_clients": 2, "clients_per_round": 3}}, "exceeds `federation.num_clients`"),
         ({"federation": {"rounds": 0}}, "`federation.rounds` must be >= 1"),
         ({"data": {"max_length": True}}, "`data.max_length` must be int"),
+        ({"data": {"subsample": "fedkseed-ni"}}, "`data.subsample` = \"fedkseed-ni\" is for natural-instructions"),
+        ({"data": {"min_client_examples": 0}}, "`data.min_client_examples` must be >= 1"),
+        ({"data": {"prompt": "vicuna"}}, "`data.prompt` must be one of alpaca, fedkseed-dolly, fedkseed-ni"),
+        ({"eval": {"rouge": "rouge-2"}}, "`eval.rouge` must be one of official, rouge-score"),
     ],
 )
 def test_bad_configs_name_the_key(cfg, words):

@@ -57,10 +57,19 @@ class DataSection:
     path: str = _f(QUICKSTART_DATA, "file or folder of the data set, python:<package>/<path>, or hub:<repo id>")
     partition: str = _f("dirichlet", "how examples are spread over clients", ("dirichlet", "by-task", "iid"))
     alpha: float = _f(0.5, "Dirichlet concentration (smaller = more skewed)")
+    balance: bool = _f(False, "Dirichlet: a client holding N / num_clients examples gets no share of further labels "
+                              "(the FedKSeed code's cap)")
+    min_client_examples: int = _f(1, "Dirichlet: redraw the split until every client holds at least this many "
+                                     "(the FedKSeed code: 10)")
     holdout: str = _f("", "category held out for evaluation (Dolly); empty = the data set's test split")
     eval_path: str = _f("", "file or folder of the held-out examples (all of it, or its holdout category); empty = "
                             "carve them from data.path. A deployed server reads only this")
     max_length: int = _f(256, "tokens per example; longer responses are truncated, longer prompts dropped")
+    prompt: str = _f("alpaca", "prompt template: alpaca (fedseed's), or the FedKSeed code's for Dolly / Natural "
+                               "Instructions (tokenised as the official code does)",
+                     ("alpaca", "fedkseed-dolly", "fedkseed-ni"))
+    subsample: str = _f("none", "what is kept of the data before partitioning: none, or fedkseed-ni (the FedKSeed "
+                                "code's Natural Instructions filter and 20% / 2% samples)", ("none", "fedkseed-ni"))
     max_train_examples: int = _f(0, "cap on training examples after partitioning (0 = all)")
     batch_size: int = _f(1, "examples per local step")
 
@@ -79,6 +88,9 @@ class EvalSection:
     generate_examples: int = _f(50, "held-out examples for Rouge-L / accuracy by greedy generation")
     max_new_tokens: int = _f(64, "greedy generation length")
     batch_size: int = _f(16, "evaluation batch size")
+    rouge: str = _f("official", "Rouge-L implementation: official = the rouge 1.0.1 package's rouge-l F, what the "
+                                "FedKSeed and Ferret code report; rouge-score = Google's, with stemming",
+                       ("official", "rouge-score"))
     before: bool = _f(True, "also evaluate the base model (round 0) for before/after numbers")
 
 
@@ -224,7 +236,7 @@ def _check_ranges(cfg: Config) -> None:
     for key, value in [("federation.num_clients", fed.num_clients), ("federation.rounds", fed.rounds),
                        ("federation.clients_per_round", fed.clients_per_round), ("eval.every", ev.every),
                        ("data.max_length", data.max_length), ("data.batch_size", data.batch_size),
-                       ("eval.batch_size", ev.batch_size)]:
+                       ("eval.batch_size", ev.batch_size), ("data.min_client_examples", data.min_client_examples)]:
         if value < 1:
             raise ConfigError(f"`{key}` must be >= 1, got {value}")
     if fed.clients_per_round > fed.num_clients:
@@ -233,6 +245,9 @@ def _check_ranges(cfg: Config) -> None:
         )
     if data.alpha <= 0:
         raise ConfigError(f"`data.alpha` must be > 0, got {data.alpha}")
+    if data.subsample == "fedkseed-ni" and data.dataset != "natural-instructions":
+        raise ConfigError(f"`data.subsample` = \"fedkseed-ni\" is for natural-instructions, not {data.dataset}; "
+                          "use \"none\"")
     rob, faults = cfg.robust, cfg.faults
     if not 0 <= rob.trim < 0.5:
         raise ConfigError(f"`robust.trim` must be in [0, 0.5), got {rob.trim}")

@@ -7,6 +7,7 @@ Used during a run (by the runners) and by ``fedseed eval``. Functions take a
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -52,18 +53,50 @@ def generate(module: torch.nn.Module, tokenizer, examples: Sequence[TokenizedExa
         outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         if progress:
             progress(len(prompts))
-    return [o.strip() for o in outputs]
+    return outputs  # as decoded: the official Rouge-L scores the text unstripped
 
 
-def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean Rouge-L F-measure in percent (``rouge-score``, with stemming, as the papers report)."""
-    from rouge_score import rouge_scorer
+ROUGE = ("official", "rouge-score")
 
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str], implementation: str = "official") -> float:
+    """Mean Rouge-L F-measure over the pairs, in percent.
+
+    ``official`` is what the FedKSeed and Ferret code report (``evaluations.rouge_score``,
+    see docs/official-pipelines.md): the ``rouge`` package, version 1.0.1, its
+    ``rouge-l`` F score of each pair. That package splits sentences on ``.`` and words
+    on spaces, is case-sensitive, does not stem, and counts distinct words; an empty
+    prediction, or one it cannot score, scores 0. ``rouge-score`` is Google's
+    implementation with stemming, which scores the same pairs 0.5-5 points lower on
+    Dolly; it is offered for comparison with papers that use it.
+    """
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    if implementation == "official":
+        scores = [_official_rouge_l(pred, ref) for pred, ref in zip(predictions, references)]
+    elif implementation == "rouge-score":
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    else:
+        raise ValueError(f"Rouge-L implementation must be one of {ROUGE}, got {implementation!r}")
     return 100.0 * sum(scores) / max(len(scores), 1)
+
+
+def _official_rouge_l(prediction: str, reference: str) -> float:
+    from rouge import Rouge
+
+    if not prediction:
+        return 0.0
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 20_000))  # its LCS backtrack recurses once per word of a sentence pair
+    try:
+        return float(Rouge().get_scores([prediction], [reference])[0]["rouge-l"]["f"])
+    except ValueError:  # "Hypothesis is empty." once split into sentences and words (e.g. only dots)
+        return 0.0
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

@@ -34,6 +34,7 @@ from fedseed.data import (
     tokenize_examples,
 )
 from fedseed.data.loaders import SST2_LABEL_WORDS
+from fedseed.data.subsample import fedkseed_natural_instructions
 from fedseed.data.writers import write_examples
 from fedseed.models import LocalModel, content_hash, load_model
 
@@ -103,6 +104,8 @@ def split_examples(cfg: Config) -> tuple[list[Example], list[Example]]:
                           "or `data.eval_path` a file of held-out examples")
     else:
         train = load_examples(d.dataset, d.path, "train")
+    if d.subsample == "fedkseed-ni":
+        train = fedkseed_natural_instructions(train, "train", cfg.run.seed)
     if d.max_train_examples and len(train) > d.max_train_examples:
         keep = np.random.default_rng([cfg.run.seed, SUBSET_TAG]).choice(len(train), d.max_train_examples, replace=False)
         train = [train[i] for i in sorted(keep)]
@@ -114,10 +117,13 @@ def heldout_examples(cfg: Config) -> list[Example]:
     d = cfg.data
     if d.eval_path:
         examples = load_examples(d.dataset, d.eval_path, "test")
-        return [ex for ex in examples if ex.category == d.holdout] if d.holdout else examples
-    if d.holdout:
+        if d.holdout:
+            return [ex for ex in examples if ex.category == d.holdout]
+    elif d.holdout:
         return holdout_split(load_examples(d.dataset, d.path, "train"), d.holdout)[1]
-    return load_examples(d.dataset, d.path, "test")
+    else:
+        examples = load_examples(d.dataset, d.path, "test")
+    return fedkseed_natural_instructions(examples, "test", cfg.run.seed) if d.subsample == "fedkseed-ni" else examples
 
 
 def _without_holdout(examples: list[Example], holdout: str) -> list[Example]:
@@ -136,7 +142,8 @@ def partition_examples(cfg: Config, train: list[Example]) -> Partition:
             )
         return part
     if d.partition == "dirichlet":
-        return partition_dirichlet([ex.category for ex in train], fed.num_clients, d.alpha, seed)
+        return partition_dirichlet([ex.category for ex in train], fed.num_clients, d.alpha, seed,
+                                   d.min_client_examples, d.balance)
     return partition_iid(len(train), fed.num_clients, seed)
 
 
@@ -152,7 +159,7 @@ def classes_of(cfg: Config, train: list[Example]) -> list[str]:
 def _tokenize(cfg: Config, tokenizer, examples: list[Example], classes: list[str]):
     if classes:
         return tokenize_classification(examples, tokenizer, cfg.data.max_length, classes)
-    return tokenize_examples(examples, tokenizer, cfg.data.max_length)
+    return tokenize_examples(examples, tokenizer, cfg.data.max_length, cfg.data.prompt)
 
 
 def _client_tokens(cfg: Config, tokenizer, client: int, examples: list[Example], classes: list[str]):
@@ -203,9 +210,12 @@ def server_data(cfg: Config, tokenizer) -> Data:
 
 
 def _reference(tokenizer, ex: TokenizedExample) -> str:
-    """The target text as the model sees it (after truncation), for Rouge-L and accuracy."""
+    """The target text as the model sees it (after truncation), for Rouge-L and accuracy.
+
+    Decoded, special tokens skipped and not stripped, as the official code decodes its label ids.
+    """
     response = [t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100]
-    return tokenizer.decode(response, skip_special_tokens=True).strip()
+    return tokenizer.decode(response, skip_special_tokens=True)
 
 
 def _sum_stats(stats: list[TruncationStats]) -> TruncationStats:

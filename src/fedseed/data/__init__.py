@@ -23,7 +23,7 @@ from fedseed.data.partition import (
     partition_dirichlet,
     partition_iid,
 )
-from fedseed.data.prompts import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, format_prompt
+from fedseed.data.prompts import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, TEMPLATES, format_prompt
 from fedseed.data.tokenize import (
     IGNORE_INDEX,
     ClassifiedExample,
@@ -41,6 +41,7 @@ __all__ = [
     "tokenize_classification",
     "ALPACA_PROMPT",
     "ALPACA_PROMPT_NO_INPUT",
+    "TEMPLATES",
     "DATASETS",
     "IGNORE_INDEX",
     "DataError",

@@ -118,21 +118,27 @@ def partition_iid(n: int, num_clients: int, seed: int) -> Partition:
 
 
 def _dirichlet_draw(
-    by_label: Sequence[np.ndarray], num_clients: int, alpha: float, rng: np.random.Generator
+    by_label: Sequence[np.ndarray], num_clients: int, alpha: float, rng: np.random.Generator, cap: float
 ) -> list[np.ndarray]:
-    """One label-skewed split: each label's shuffled indices cut by Dir(alpha) shares."""
+    """One label-skewed split: each label's shuffled indices cut by Dir(alpha) shares.
+
+    A client already holding ``cap`` examples or more gets no share of the next labels.
+    """
     parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    sizes = np.zeros(num_clients, dtype=np.int64)
     for indices in by_label:
         shuffled = rng.permutation(indices)
-        shares = rng.dirichlet(np.full(num_clients, alpha))
+        shares = rng.dirichlet(np.full(num_clients, alpha)) * (sizes < cap)
+        shares /= shares.sum()  # some client is below the cap: together they hold fewer than all examples
         cuts = (np.cumsum(shares)[:-1] * len(shuffled)).astype(np.int64)
         for k, piece in enumerate(np.split(shuffled, cuts)):
             parts[k].append(piece)
+            sizes[k] += len(piece)
     return [np.concatenate(p) for p in parts]
 
 
 def partition_dirichlet(
-    labels: Sequence[str], num_clients: int, alpha: float, seed: int, min_size: int = 1
+    labels: Sequence[str], num_clients: int, alpha: float, seed: int, min_size: int = 1, balance: bool = False
 ) -> Partition:
     """Label-skewed partition: per label, client shares are drawn from Dir(alpha).
 
@@ -150,6 +156,12 @@ def partition_dirichlet(
         Smallest client allowed. A draw that leaves a client smaller is redrawn from
         the same generator (so still deterministic), up to
         :data:`MAX_DIRICHLET_TRIES` times.
+    balance : bool, default False
+        Labels are dealt in sorted order; a client that already holds ``n /
+        num_clients`` examples or more gets no share of the later labels (its share
+        is zeroed and the others renormalised). This is the FedKSeed code's cap
+        (``partition_idx_labeldir``, with ``min_size = 10``): without it a few
+        clients of a skewed split hold most of the data.
 
     Returns
     -------
@@ -171,7 +183,7 @@ def partition_dirichlet(
     rng = np.random.default_rng(seed)
     smallest = 0
     for _ in range(MAX_DIRICHLET_TRIES):
-        groups = _dirichlet_draw(by_label, num_clients, alpha, rng)
+        groups = _dirichlet_draw(by_label, num_clients, alpha, rng, n / num_clients if balance else math.inf)
         smallest = min(len(g) for g in groups)
         if smallest >= min_size:
             return _finish(groups, "dirichlet", seed)

@@ -1,9 +1,12 @@
 """Tokenise examples for causal-LM fine-tuning with the loss on the response only.
 
-The prompt and the response are tokenised separately, so the boundary between them
-is exact (no search for the response start in the joined token sequence) and the
-labels can mask every prompt token with :data:`IGNORE_INDEX`. Too-long examples are
-handled here, once, and counted, so a run can report how much text it cut.
+fedseed's own way (template ``alpaca``) tokenises the prompt and the response
+separately, so the boundary between them is exact (no search for the response start
+in the joined token sequence) and the labels can mask every prompt token with
+:data:`IGNORE_INDEX`. The paper templates (``fedkseed-*``) do what the official code
+does instead: one text ``prompt + response + eos``, truncated from the right, with
+the first ``len(tokenize(prompt))`` labels masked. Too-long examples are handled
+here, once, and counted, so a run can report how much text it cut.
 
 This module does not build prompts (see :mod:`fedseed.data.prompts`), shuffle or
 batch across clients.
@@ -19,7 +22,7 @@ import torch
 
 from fedseed.data.errors import DataError
 from fedseed.data.example import Example
-from fedseed.data.prompts import format_prompt
+from fedseed.data.prompts import TEMPLATES, format_prompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -120,9 +123,9 @@ def _fit(prompt: list[int], response: list[int], max_length: int) -> TokenizedEx
 
 
 def tokenize_examples(
-    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, max_length: int
+    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, max_length: int, template: str = "alpaca"
 ) -> tuple[list[TokenizedExample], TruncationStats]:
-    """Tokenise ``examples`` with :func:`format_prompt`, scoring only the response.
+    """Tokenise ``examples`` with :func:`format_prompt` and ``template``, scoring only the response.
 
     Parameters
     ----------
@@ -145,6 +148,8 @@ def tokenize_examples(
         raise DataError(
             f"`max_length` must be >= 2 (one prompt token and one response token), got {max_length}"
         )
+    if TEMPLATES[template].joint:
+        return _tokenize_joint(examples, tokenizer, max_length, template)
     bos, eos = _special_ids(tokenizer)
     prompts = _encode(tokenizer, [format_prompt(ex) for ex in examples])
     responses = _encode(tokenizer, [ex.output for ex in examples])
@@ -161,6 +166,38 @@ def tokenize_examples(
     stats = TruncationStats(
         total=len(examples), kept=len(kept), truncated=truncated, dropped=len(examples) - len(kept)
     )
+    return kept, stats
+
+
+def _tokenize_joint(
+    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, max_length: int, template: str
+) -> tuple[list[TokenizedExample], TruncationStats]:
+    """The FedKSeed code's ``preprocess``: tokenizer(prompt + response + eos text), labels masked over the prompt.
+
+    Both texts go through the tokenizer with its own special tokens (a Llama
+    tokenizer prepends bos) and are cut at ``max_length`` from the right; the eos is
+    the tokenizer's eos *text*, which it reads back as the eos token. An example whose
+    prompt fills ``max_length`` has no response token left and is dropped (the
+    official code keeps it, and its step meets a NaN loss and is skipped).
+    """
+    _special_ids(tokenizer)  # the eos check
+    sources = [format_prompt(ex, template) for ex in examples]
+    texts = [source + ex.output + tokenizer.eos_token for source, ex in zip(sources, examples, strict=True)]
+
+    def encode(batch: list[str]) -> list[list[int]]:
+        return tokenizer(batch, add_special_tokens=True, verbose=False)["input_ids"]
+
+    kept: list[TokenizedExample] = []
+    truncated = 0
+    for source, full in zip(encode(sources), encode(texts), strict=True):
+        prompt_length = min(len(source), max_length)
+        if prompt_length >= min(len(full), max_length):
+            continue
+        truncated += len(full) > max_length
+        full = [int(t) for t in full[:max_length]]
+        kept.append(TokenizedExample(tuple(full), (IGNORE_INDEX,) * prompt_length + tuple(full[prompt_length:]),
+                                     prompt_length))
+    stats = TruncationStats(total=len(examples), kept=len(kept), truncated=truncated, dropped=len(examples) - len(kept))
     return kept, stats
 
 

@@ -215,7 +215,7 @@ def evaluate(exp: Experiment, generation: bool, events: Events) -> dict[str, flo
         events.phase("generating", n)
         preds = evaluation.generate(module, exp.tokenizer, held[:n], ev.max_new_tokens, ev.batch_size, events.advance)
         refs = exp.data.references[:n]
-        out["rouge_l"] = evaluation.rouge_l(preds, refs)
+        out["rouge_l"] = evaluation.rouge_l(preds, refs, ev.rouge)
         if exp.config.data.dataset == "gsm8k":
             out["gsm8k_accuracy"] = evaluation.gsm8k_accuracy(preds, refs)
     return out
