@@ -99,7 +99,7 @@ def timing() -> list[dict[str, Any]]:
     from fedseed.algorithms.fedavg import FedAvg, FedAvgConfig
     from fedseed.algorithms.fedkseed import FedKSeed, FedKSeedConfig, SeedReply
     from fedseed.algorithms.dense import DenseReply
-    from fedseed.config import RobustSection
+    from fedseed.algorithms.robust import RobustSection
 
     rng = np.random.default_rng(0)
     k, tau, m, numel = 4096, 200, 10, 260_032
@@ -109,13 +109,13 @@ def timing() -> list[dict[str, Any]]:
                               rng.normal(size=r.seed_ids.size).astype(np.float32), 1) for r in seed_replies]
     dense_replies = [DenseReply(1, c, 100, 1, 0, 1.0, rng.normal(size=numel).astype(np.float32) * 1e-3, 1)
                      for c in range(m)]
-    fedkseed, fedavg = FedKSeed(FedKSeedConfig(num_seeds=k, local_steps=tau), 0), FedAvg(FedAvgConfig(), 0)
-    fedavg.weights = np.zeros(numel, np.float32)
     rows = []
     for setting, robust in SETTINGS.items():  # "off" first: the plain weighted mean of the papers
         row = {"setting": setting}
+        fedkseed = FedKSeed(FedKSeedConfig(num_seeds=k, local_steps=tau), 0, RobustSection(**robust))
+        fedavg = FedAvg(FedAvgConfig(), 0, RobustSection(**robust))
+        fedavg.weights = np.zeros(numel, np.float32)
         for name, algo, replies in (("fedkseed", fedkseed, seed_replies), ("dense", fedavg, dense_replies)):
-            algo.robust = RobustSection(**robust)
             row[f"{name}_seconds"] = best_of(lambda: algo.aggregate(1, replies))
         rows.append(row)
     plain = rows[0]

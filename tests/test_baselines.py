@@ -243,7 +243,7 @@ def test_fedzo_step_is_the_two_point_estimate_along_fresh_directions(base, tmp_p
 
 @pytest.mark.parametrize(("table", "field"), [
     ({"name": "fedavg", "lr": -1.0}, "algorithm.lr"),
-    ({"name": "fedavg", "optimizer": "adam"}, "algorithm.optimizer"),
+    ({"name": "fedavg", "optimizer": "lion"}, "algorithm.optimizer"),
     ({"name": "fedavg", "max_grad_norm": -1.0}, "algorithm.max_grad_norm"),
     ({"name": "fedit", "rank": 0}, "algorithm.rank"),
     ({"name": "fedit", "target_modules": " , "}, "algorithm.target_modules"),

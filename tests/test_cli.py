@@ -108,3 +108,22 @@ def test_partition_writes_one_file_per_client_holding_exactly_its_share(tmp_path
     held = load_examples("dolly", tmp_path / "parts" / "eval.jsonl", "test")
     assert [e.output for e in held] == [e.output for e in heldout]
     assert main(["partition", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_settings_prints_every_key_with_its_help_as_a_config(capsys):
+    import tomllib
+
+    from fedseed.config import SECTIONS, load_config
+
+    assert main(["settings", "--method", "ferret"]) == 0
+    out = capsys.readouterr().out
+    table = tomllib.loads(out)
+    assert set(table) == {*SECTIONS, "flower", "algorithm"} and table["algorithm"]["name"] == "ferret"
+    assert "server_lr = 3.0  # global step on the mean reconstruction" in out
+    assert "optimizer = \"sgd\"  # local optimiser" in out and "(sgd | adam | adamw)" in out
+    table.pop("flower")  # run-config only
+    cfg = load_config(table)
+    assert cfg.algorithm["server_lr"] == 3.0 and cfg.data.prompt == "alpaca"
+    assert main(["settings", "--method", "fedkseed-pro"]) == 0
+    assert "\npro = " not in capsys.readouterr().out  # fixed by the method name
+    assert main(["settings", "--method", "sgd"]) == 2

@@ -10,7 +10,7 @@ from conftest import run_simulation, small_config
 from fedseed import wire
 from fedseed.algorithms import EVALUATOR, InvalidReply, build_algorithm
 from fedseed.algorithms.fedkseed import FedKSeed, FedKSeedConfig, SeedReply, pro_probabilities
-from fedseed.config import RobustSection
+from fedseed.algorithms.robust import RobustSection
 from fedseed.models import LocalModel, load_model
 from fedseed.replay import rebuild, replay
 
@@ -130,8 +130,8 @@ def test_pro_probabilities_hand_worked():
 
 
 def test_pro_history_through_aggregation_with_clipping():
-    algo = FedKSeed(FedKSeedConfig(num_seeds=4, local_steps=3, pro=True, lr=0.1), seed=3)
-    algo.robust = RobustSection(norm_clip=0, max_weight=1)  # the plain weighted mean of the paper
+    plain = RobustSection(norm_clip=0, max_weight=1)  # the plain weighted mean of the paper
+    algo = FedKSeed(FedKSeedConfig(num_seeds=4, local_steps=3, pro=True, lr=0.1), seed=3, robust=plain)
     task = algo.task(1, 0, 0)
     assert task.probabilities.size == 4 and np.allclose(task.probabilities, 0.25)
     r0 = SeedReply(1, 0, 1, 3, 0, 1.0, 0, np.array([1, 1, 2]), np.array([2.0, -4.0, 5000.0], np.float32))

@@ -183,6 +183,39 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    """Every key a config may set, its default and what it does, as TOML a config can start from."""
+    import dataclasses
+
+    from fedseed.algorithms import METHODS
+    from fedseed.config import SECTIONS
+    from fedseed.runners.flower_config import FlowerSettings
+    from fedseed.runfolder import toml_value
+
+    def table(name: str, cls: type, hidden: tuple[str, ...] = (), first: str = "") -> None:
+        doc = (cls.__doc__ or "").strip().splitlines()
+        print(f"[{name}]" + (f"  # {doc[0]}" if doc and not doc[0].startswith(f"{cls.__name__}(") else ""))
+        if first:
+            print(first)
+        for f in dataclasses.fields(cls):
+            if f.name in hidden:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            choices = f.metadata.get("choices")
+            note = f.metadata.get("help", "") + (f" ({' | '.join(choices)})" if choices else "")
+            print(f"{f.name} = {toml_value(default)}  # {note}")
+        print()
+
+    if args.method not in METHODS:
+        raise ConfigError(f"no method {args.method!r}; methods: {', '.join(METHODS)}")
+    for section, cls in SECTIONS.items():
+        table(section, cls)
+    table("flower", FlowerSettings)
+    cls, fixed, _ = METHODS[args.method]
+    table("algorithm", cls, tuple(fixed), first=f'name = "{args.method}"  # {" | ".join(METHODS)}')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedseed", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -215,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--out", required=True, help="folder for client-000.*, client-001.*, ..., eval.*")
     part.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")
     part.set_defaults(fn=cmd_partition)
+    st = sub.add_parser("settings", help="print every config key with its default and help, as a TOML config")
+    st.add_argument("--method", default="fedkseed", help="whose [algorithm] keys to print (default fedkseed)")
+    st.set_defaults(fn=cmd_settings)
     from fedseed.runners.flower_config import add_flower_config_command
     from fedseed.runners.fleet_gateway import add_gateway_command
     from fedseed.runners.worker import add_worker_command

@@ -14,35 +14,29 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
+from fedseed.algorithms.robust import RobustSection
+from fedseed.faults import FaultsSection
 from fedseed.locations import QUICKSTART_DATA, QUICKSTART_MODEL
+from fedseed.settings import ConfigError, build_section, setting
 
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the text names the key."""
-
-
-def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    meta = {"help": help, "choices": choices}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+__all__ = ["SECTIONS", "Config", "ConfigError", "build_section", "load_config", "parse_override", "read_toml"]
 
 
 @dataclass
 class RunSection:
-    output_dir: str = _f("runs/quickstart", "run folder: config, partition, ledger, metrics, report")
-    seed: int = _f(42, "run seed: fixes the seed pool, partition, sampling and every client's randomness")
-    device: str = _f("cpu", "where the model lives", ("cpu", "cuda"))
+    output_dir: str = setting("runs/quickstart", "run folder: config, partition, ledger, metrics, report")
+    seed: int = setting(42, "run seed: fixes the seed pool, partition, sampling and every client's randomness")
+    device: str = setting("cpu", "where the model lives", ("cpu", "cuda"))
 
 
 @dataclass
 class ModelSection:
-    name_or_path: str = _f(QUICKSTART_MODEL, "local model folder, python:<package>/<folder>, or Hugging Face Hub id")
-    dtype: str = _f("float32", "weight dtype", ("float32", "bfloat16", "float16"))
-    trust_remote_code: bool = _f(False, "allow model code from the Hub (off: only transformers' own classes)")
-    task: str = _f("auto", "model head; auto = classification for sst2, causal-lm otherwise",
+    name_or_path: str = setting(QUICKSTART_MODEL, "local model folder, python:<package>/<folder>, or Hugging Face Hub id")
+    dtype: str = setting("float32", "weight dtype", ("float32", "bfloat16", "float16"))
+    trust_remote_code: bool = setting(False, "allow model code from the Hub (off: only transformers' own classes)")
+    task: str = setting("auto", "model head; auto = classification for sst2, causal-lm otherwise",
                    ("auto", "causal-lm", "classification"))
 
     def resolved_task(self, dataset: str) -> str:
@@ -53,73 +47,45 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    dataset: str = _f("dolly", "data set", ("dolly", "natural-instructions", "codealpaca", "gsm8k", "sst2"))
-    path: str = _f(QUICKSTART_DATA, "file or folder of the data set, python:<package>/<path>, or hub:<repo id>")
-    partition: str = _f("dirichlet", "how examples are spread over clients", ("dirichlet", "by-task", "iid"))
-    alpha: float = _f(0.5, "Dirichlet concentration (smaller = more skewed)")
-    balance: bool = _f(False, "Dirichlet: a client holding N / num_clients examples gets no share of further labels "
+    dataset: str = setting("dolly", "data set", ("dolly", "natural-instructions", "codealpaca", "gsm8k", "sst2"))
+    path: str = setting(QUICKSTART_DATA, "file or folder of the data set, python:<package>/<path>, or hub:<repo id>")
+    partition: str = setting("dirichlet", "how examples are spread over clients", ("dirichlet", "by-task", "iid"))
+    alpha: float = setting(0.5, "Dirichlet concentration (smaller = more skewed)")
+    balance: bool = setting(False, "Dirichlet: a client holding N / num_clients examples gets no share of further labels "
                               "(the FedKSeed code's cap)")
-    min_client_examples: int = _f(1, "Dirichlet: redraw the split until every client holds at least this many "
+    min_client_examples: int = setting(1, "Dirichlet: redraw the split until every client holds at least this many "
                                      "(the FedKSeed code: 10)")
-    holdout: str = _f("", "category held out for evaluation (Dolly); empty = the data set's test split")
-    eval_path: str = _f("", "file or folder of the held-out examples (all of it, or its holdout category); empty = "
+    holdout: str = setting("", "category held out for evaluation (Dolly); empty = the data set's test split")
+    eval_path: str = setting("", "file or folder of the held-out examples (all of it, or its holdout category); empty = "
                             "carve them from data.path. A deployed server reads only this")
-    max_length: int = _f(256, "tokens per example; longer responses are truncated, longer prompts dropped")
-    prompt: str = _f("alpaca", "prompt template: alpaca (fedseed's), or the FedKSeed code's for Dolly / Natural "
+    max_length: int = setting(256, "tokens per example; longer responses are truncated, longer prompts dropped")
+    prompt: str = setting("alpaca", "prompt template: alpaca (fedseed's), or the FedKSeed code's for Dolly / Natural "
                                "Instructions (tokenised as the official code does)",
                      ("alpaca", "fedkseed-dolly", "fedkseed-ni"))
-    subsample: str = _f("none", "what is kept of the data before partitioning: none, or fedkseed-ni (the FedKSeed "
+    subsample: str = setting("none", "what is kept of the data before partitioning: none, or fedkseed-ni (the FedKSeed "
                                 "code's Natural Instructions filter and 20% / 2% samples)", ("none", "fedkseed-ni"))
-    max_train_examples: int = _f(0, "cap on training examples after partitioning (0 = all)")
-    batch_size: int = _f(1, "examples per local step")
+    max_train_examples: int = setting(0, "cap on training examples after partitioning (0 = all)")
+    batch_size: int = setting(1, "examples per local step")
 
 
 @dataclass
 class FederationSection:
-    num_clients: int = _f(20, "clients the training data is split over (by-task: one per task)")
-    clients_per_round: int = _f(4, "clients sampled each round")
-    rounds: int = _f(5, "communication rounds")
+    num_clients: int = setting(20, "clients the training data is split over (by-task: one per task)")
+    clients_per_round: int = setting(4, "clients sampled each round")
+    rounds: int = setting(5, "communication rounds")
 
 
 @dataclass
 class EvalSection:
-    every: int = _f(1, "rounds between held-out loss evaluations")
-    loss_examples: int = _f(200, "held-out examples for the loss")
-    generate_examples: int = _f(50, "held-out examples for Rouge-L / accuracy by greedy generation")
-    max_new_tokens: int = _f(64, "greedy generation length")
-    batch_size: int = _f(16, "evaluation batch size")
-    rouge: str = _f("official", "Rouge-L implementation: official = the rouge 1.0.1 package's rouge-l F, what the "
+    every: int = setting(1, "rounds between held-out loss evaluations")
+    loss_examples: int = setting(200, "held-out examples for the loss")
+    generate_examples: int = setting(50, "held-out examples for Rouge-L / accuracy by greedy generation")
+    max_new_tokens: int = setting(64, "greedy generation length")
+    batch_size: int = setting(16, "evaluation batch size")
+    rouge: str = setting("official", "Rouge-L implementation: official = the rouge 1.0.1 package's rouge-l F, what the "
                                 "FedKSeed and Ferret code report; rouge-score = Google's, with stemming",
                        ("official", "rouge-score"))
-    before: bool = _f(True, "also evaluate the base model (round 0) for before/after numbers")
-
-
-RULES = ("mean", "median", "trimmed-mean")  # how fedseed.algorithms.robust combines clients per seed/coordinate
-
-
-@dataclass
-class RobustSection:
-    """The server's defences against hostile or broken clients (fedseed.algorithms.robust says how each works)."""
-
-    rule: str = _f("mean", "how clients' values on one seed/coordinate combine", RULES)
-    trim: float = _f(0.2, "trimmed-mean: fraction of the reporting clients cut from each end, per coordinate")
-    norm_clip: float = _f(3.0, "scale a client's update down to this multiple of the round's median norm (0 = off)")
-    value_clip: float = _f(0.0, "clip every scalar/coordinate to this multiple of the round's median |value| (0 = off)")
-    max_weight: float = _f(0.5, "cap on one client's share of a round (1 = off; never below 1 / replies)")
-    fingerprint_samples: int = _f(1024, "weights hashed to detect a client whose copy drifted (0 = off)")
-
-
-ATTACKS = ("huge", "sign-flip", "nan", "out-of-pool", "stale-round", "wrong-client", "inflate-examples",
-           "truncated", "random-bytes", "duplicate", "drift")
-
-
-@dataclass
-class FaultsSection:
-    """Fault injection (in-process runs): clients 0 .. adversaries - 1 misbehave in every round they are sampled."""
-
-    adversaries: int = _f(0, "how many clients misbehave (the lowest client ids)")
-    attack: str = _f("huge", "what they do (fedseed.faults describes each)", ATTACKS)
-    scale: float = _f(1e30, "huge: the factor on every reported value")
+    before: bool = setting(True, "also evaluate the base model (round 0) for before/after numbers")
 
 
 SECTIONS: dict[str, type] = {
@@ -146,35 +112,6 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _coerce(key: str, value: Any, typ: type) -> Any:
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if typ is bool and not isinstance(value, bool) or typ is not bool and isinstance(value, bool):
-        raise ConfigError(f"`{key}` must be {typ.__name__}, got {value!r}")
-    if not isinstance(value, typ):
-        raise ConfigError(f"`{key}` must be {typ.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def build_section(name: str, cls: type, table: dict[str, Any]) -> Any:
-    """Instantiate a section dataclass from a TOML table, naming any bad key."""
-    if not isinstance(table, dict):
-        raise ConfigError(f"`{name}` must be a table, got {table!r}")
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(table) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key `{name}.{unknown[0]}`; valid keys in [{name}]: {', '.join(sorted(fields))}")
-    values = {}
-    for key, value in table.items():
-        full = f"{name}.{key}"
-        values[key] = _coerce(full, value, hints[key])
-        choices = fields[key].metadata.get("choices")
-        if choices and values[key] not in choices:
-            raise ConfigError(f"`{full}` must be one of {', '.join(choices)}; got {value!r}")
-    return cls(**values)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

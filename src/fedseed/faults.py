@@ -26,14 +26,29 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from fedseed import wire
-from fedseed.config import FaultsSection
-from fedseed.models import LocalModel
+from fedseed.settings import setting
+
+if TYPE_CHECKING:
+    from fedseed.models import LocalModel
+
+ATTACKS = ("huge", "sign-flip", "nan", "out-of-pool", "stale-round", "wrong-client", "inflate-examples",
+           "truncated", "random-bytes", "duplicate", "drift")
+
+
+@dataclass
+class FaultsSection:
+    """``[faults]`` (in-process runs): clients 0 .. adversaries - 1 misbehave in every round they are sampled."""
+
+    adversaries: int = setting(0, "how many clients misbehave (the lowest client ids)")
+    attack: str = setting("huge", "what they do (fedseed.faults describes each)", ATTACKS)
+    scale: float = setting(1e30, "huge: the factor on every reported value")
+
 
 FAULT_TAG = 0xFA17
 F32_MAX = float(np.finfo(np.float32).max)
@@ -100,8 +115,7 @@ def _with_nan(reply: Any, frame: bytes) -> bytes:
     return frame[:at] + struct.pack("<f", float("nan")) + frame[at + 4 :]
 
 
-@torch.no_grad()
 def drift_(model: LocalModel) -> None:
     """Scale every trainable weight by ``1 + 2^-10``, keeping ``model.position``: a copy that is no longer what it claims."""
     for _, p in model.trainable:
-        p.mul_(1 + 2**-10)
+        p.detach().mul_(1 + 2**-10)

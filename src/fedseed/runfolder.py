@@ -24,7 +24,7 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
     for section, table in data.items():
         scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
         lines.append(f"[{prefix}{section}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in scalars.items()]
+        lines += [f"{key} = {toml_value(value)}" for key, value in scalars.items()]
         lines.append("")
         nested = {k: v for k, v in table.items() if isinstance(v, dict)}
         if nested:
@@ -32,7 +32,7 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
     return "\n".join(lines)
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):

@@ -1,75 +1,24 @@
 """The federated methods, each behind :class:`~fedseed.algorithms.base.Algorithm`.
 
 ``[algorithm]`` in a config is ``name`` plus the fields of that method's config
-dataclass; :func:`build_algorithm` is the only place a name becomes an object.
+dataclass; :mod:`fedseed.algorithms.registry` is the only place a name becomes an
+object. The names below load on first use, so ``fedseed.algorithms.robust`` (what
+the config reads) imports no torch.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import importlib
 from typing import Any
 
-from fedseed.algorithms.base import EVALUATOR, Algorithm, Batches, InvalidReply
-from fedseed.algorithms.fedavg import FedAvg, FedAvgConfig
-from fedseed.algorithms.fedit import FedIT, FedITConfig
-from fedseed.algorithms.fedkrso import FedKRSO, FedKRSOConfig
-from fedseed.algorithms.fedkseed import FedKSeed, FedKSeedConfig
-from fedseed.algorithms.fedzo import FedZO, FedZOConfig
-from fedseed.algorithms.ferret import Ferret, FerretConfig
-from fedseed.config import RobustSection
-
-__all__ = ["EVALUATOR", "Algorithm", "Batches", "InvalidReply", "algorithm_config", "build_algorithm", "METHODS"]
-
-# name -> (config class, fixed config values, algorithm class)
-METHODS: dict[str, tuple[type, dict[str, Any], type[Algorithm]]] = {
-    "fedkseed": (FedKSeedConfig, {"pro": False}, FedKSeed),
-    "fedkseed-pro": (FedKSeedConfig, {"pro": True}, FedKSeed),
-    "ferret": (FerretConfig, {}, Ferret),
-    "fedkrso": (FedKRSOConfig, {}, FedKRSO),
-    "fedavg": (FedAvgConfig, {}, FedAvg),
-    "fedit": (FedITConfig, {}, FedIT),
-    "fedzo": (FedZOConfig, {}, FedZO),
+_EXPORTS = {
+    "EVALUATOR": "base", "Algorithm": "base", "Batches": "base", "InvalidReply": "base",
+    "METHODS": "registry", "algorithm_config": "registry", "build_algorithm": "registry",
 }
+__all__ = list(_EXPORTS)
 
 
-def algorithm_config(table: dict[str, Any], robust: RobustSection | None = None) -> Any:
-    """Validate an ``[algorithm]`` table (and that ``robust.rule`` suits the method); return its config dataclass."""
-    from fedseed.config import ConfigError, build_section
-
-    name = table.get("name", "fedkseed")
-    if name not in METHODS:
-        raise ConfigError(f"`algorithm.name` must be one of {', '.join(METHODS)}; got {name!r}")
-    cls, fixed, make = METHODS[name]
-    if robust is not None and robust.rule not in make.rules:
-        raise ConfigError(f"`robust.rule` = {robust.rule!r} is not available for {name} (its clients report "
-                          f"coordinates in bases of their own, which no other client shares); use one of "
-                          f"{', '.join(make.rules)} with `robust.norm_clip` / `robust.max_weight`")
-    params = {k: v for k, v in table.items() if k != "name"}
-    for key in fixed:
-        if key in params and params[key] != fixed[key]:
-            raise ConfigError(f"`algorithm.{key}` is fixed to {fixed[key]!r} for {name}")
-    cfg_fields = {f.name for f in dataclasses.fields(cls)}
-    hidden = {k for k in fixed if k in cfg_fields}
-    try:
-        cfg = build_section("algorithm", _visible(cls, hidden), params)
-        return cls(**{**dataclasses.asdict(cfg), **fixed})
-    except ValueError as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(str(e)) from None
-
-
-def _visible(cls: type, hidden: set[str]) -> type:
-    """The config class without the fields a method name fixes (so they read as unknown keys)."""
-    if not hidden:
-        return cls
-    fields = [(f.name, f.type, f) for f in dataclasses.fields(cls) if f.name not in hidden]
-    return dataclasses.make_dataclass(cls.__name__, fields, namespace={"__module__": cls.__module__})
-
-
-def build_algorithm(table: dict[str, Any], seed: int, robust: RobustSection | None = None) -> Algorithm:
-    """The algorithm object for an ``[algorithm]`` table, a run seed and the server's defences."""
-    robust = robust or RobustSection()
-    algo = METHODS[table.get("name", "fedkseed")][2](algorithm_config(table, robust), seed)
-    algo.robust = robust
-    return algo
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -22,8 +22,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from fedseed.algorithms.robust import RULES
-from fedseed.config import RobustSection
+from fedseed.algorithms.robust import RULES, RobustSection
 from fedseed.models import LocalModel
 
 Batch = dict[str, torch.Tensor]
@@ -36,6 +35,15 @@ class Batches(Protocol):
 
     def __next__(self) -> Batch: ...
 EVALUATOR = 0xFFFFFFFF  # the client id of the party that only syncs and evaluates
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")  # the local optimisers of every first-order method
+
+
+def make_optimizer(params: Sequence[torch.Tensor], name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """A fresh optimiser each round, as a stateless client has: SGD (momentum 0), Adam or AdamW."""
+    kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    return kinds[name](params, lr=lr, weight_decay=weight_decay)
 
 
 class InvalidReply(ValueError):
@@ -59,8 +67,13 @@ class Algorithm(ABC):
     Reply: ClassVar[type]
     Update: ClassVar[type]
     rules: ClassVar[tuple[str, ...]] = RULES  # the robust.rule values this method's updates can be combined by
-    seed: int  # the run seed
-    robust: RobustSection = RobustSection()  # the server's defences; build_algorithm sets the run's
+
+    def __init__(self, config: Any, seed: int, robust: RobustSection | None = None):
+        """Everything a method needs, at construction: its config, the run seed and the server's defences."""
+        self.config = config
+        self.seed = seed
+        self.robust = robust if robust is not None else RobustSection()
+        self.committed = 0  # rounds folded in by ``commit``; the ledger position of the server state
 
     # -- server side -------------------------------------------------------------
     @abstractmethod
@@ -89,8 +102,6 @@ class Algorithm(ABC):
         """Local training from the synced model; return the reply."""
 
     # -- shared ------------------------------------------------------------------
-    committed: int = 0  # rounds folded in by ``commit``; the ledger position of the server state
-
     def expect_next(self, update: Any) -> None:
         """Updates are committed in round order, each exactly once."""
         if update.round != self.committed + 1:

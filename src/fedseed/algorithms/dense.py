@@ -22,12 +22,13 @@ import math
 from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, require
-from fedseed.algorithms.robust import capped_weights, clip_norms, clip_values, combine, whole_rows
+from fedseed.algorithms.robust import RobustSection, capped_weights, clip_norms, clip_values, combine, whole_rows
 from fedseed.models import DIRTY, LocalModel
 from fedseed.wire import F32, F32Array, U32, U64, message
 
@@ -111,13 +112,6 @@ def unflatten_(tensors: Sequence[torch.Tensor], flat: np.ndarray) -> None:
         t.copy_(values)
 
 
-def require_positive(cfg: object, *names: str) -> None:
-    """Config check: each named field is > 0; the error names ``algorithm.<field>``."""
-    for n in names:
-        if not getattr(cfg, n) > 0:
-            raise ValueError(f"`algorithm.{n}` must be > 0, got {getattr(cfg, n)!r}")
-
-
 @dataclass
 class LocalRun:
     """What a client's local steps measured (the weights themselves are read off the model)."""
@@ -136,11 +130,10 @@ class DenseAlgorithm(Algorithm):
 
     Task, Reply, Update = DenseTask, DenseReply, DenseUpdate
 
-    def __init__(self, seed: int, local_steps: int):
-        self.seed = seed
-        self.max_steps = local_steps
+    def __init__(self, config: Any, seed: int, robust: RobustSection | None = None):
+        super().__init__(config, seed, robust)
+        self.max_steps = config.local_steps
         self.weights: np.ndarray | None = None  # (numel,) float32 global weights, w0 + committed deltas
-        self.committed = 0
 
     def bind(self, model: LocalModel) -> None:
         """Capture ``w0``, the trainable tensors of the freshly loaded model, as the server's float32 weights."""

@@ -17,37 +17,28 @@ from dataclasses import dataclass
 
 import torch
 
-from fedseed.algorithms.base import Batches
-from fedseed.algorithms.dense import DenseAlgorithm, DenseTask, LocalRun, require_positive
+from fedseed.algorithms.base import OPTIMIZERS, Batches, make_optimizer
+from fedseed.algorithms.dense import DenseAlgorithm, DenseTask, LocalRun
 from fedseed.models import LocalModel
-
-OPTIMIZERS = ("sgd", "adamw")
-
+from fedseed.settings import ConfigError, check_choices, require_positive, setting
 
 @dataclass(frozen=True)
 class FedAvgConfig:
     """Hyperparameters of the first-order local training (FedAvg, and FedIT on adapters)."""
 
-    local_steps: int = 10  # optimiser steps per client per round
-    lr: float = 1e-5
-    optimizer: str = "adamw"  # sgd | adamw
-    weight_decay: float = 0.0  # AdamW's decoupled decay (torch's default 0.01 would hide in here)
-    grad_accum: int = 1  # batches per optimiser step
-    max_grad_norm: float = 0.0  # clip the gradient norm to this; 0 = no clipping
+    local_steps: int = setting(10, "optimiser steps per client per round")
+    lr: float = setting(1e-5, "local learning rate")
+    optimizer: str = setting("adamw", "local optimiser (fresh each round)", OPTIMIZERS)
+    weight_decay: float = setting(0.0, "decoupled weight decay (torch's AdamW default 0.01 would hide in here)")
+    grad_accum: int = setting(1, "batches per optimiser step")
+    max_grad_norm: float = setting(0.0, "clip the gradient norm to this; 0 = no clipping")
 
     def __post_init__(self) -> None:
-        require_positive(self, "local_steps", "lr", "grad_accum")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"`algorithm.optimizer` must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        require_positive(self, "algorithm", "local_steps", "lr", "grad_accum")
         for name in ("weight_decay", "max_grad_norm"):
             if not getattr(self, name) >= 0:
-                raise ValueError(f"`algorithm.{name}` must be >= 0, got {getattr(self, name)!r}")
-
-
-def make_optimizer(params: list[torch.nn.Parameter], cfg: FedAvgConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+                raise ConfigError(f"`algorithm.{name}` must be >= 0, got {getattr(self, name)!r}")
+        check_choices(self, "algorithm")
 
 
 def _accumulate(model: LocalModel, batches: Batches, grad_accum: int) -> float:
@@ -74,7 +65,7 @@ def first_order_steps(model: LocalModel, batches: Batches, cfg: FedAvgConfig) ->
     update), so one bad batch cannot poison the weights.
     """
     params = [p for _, p in model.trainable]
-    optimizer = make_optimizer(params, cfg)
+    optimizer = make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
     # With no clipping, max_norm=inf still returns the norm and scales by exactly 1.0.
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     losses: list[float] = []
@@ -99,10 +90,6 @@ class FedAvg(DenseAlgorithm):
     """FedAvg on every trainable tensor of the model."""
 
     name = "fedavg"
-
-    def __init__(self, config: FedAvgConfig, seed: int):
-        super().__init__(seed, config.local_steps)
-        self.config = config
 
     def local_steps(self, model: LocalModel, batches: Batches, task: DenseTask) -> LocalRun:
         return first_order_steps(model, batches, self.config)

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import torch
 
 from fedseed.algorithms.base import Batches
-from fedseed.algorithms.dense import DenseAlgorithm, DenseTask, LocalRun, require_positive
+from fedseed.algorithms.dense import DenseAlgorithm, DenseTask, LocalRun
 from fedseed.algorithms.fedavg import FedAvgConfig, first_order_steps
 from fedseed.directions import derive_seed
 from fedseed.models import LocalModel
+from fedseed.settings import ConfigError, require_positive, setting
 
 ADAPTER_TAG = 0xADA7
 ADAPTER = "default"  # peft's adapter name; one adapter per model
@@ -37,17 +38,17 @@ ADAPTER = "default"  # peft's adapter name; one adapter per model
 class FedITConfig(FedAvgConfig):
     """FedAvg's local training on LoRA adapters of ``rank`` on the ``target_modules`` layers."""
 
-    lr: float = 1e-4  # adapters take a larger step than full fine-tuning
-    rank: int = 8  # r: the adapters' inner dimension
-    alpha: float = 16.0  # the adapter output is scaled by alpha / rank
-    target_modules: str = "q_proj,v_proj"  # comma-separated module name suffixes (Llama attention)
+    lr: float = setting(1e-4, "local learning rate (adapters take a larger step than full fine-tuning)")
+    rank: int = setting(8, "r: the adapters' inner dimension")
+    alpha: float = setting(16.0, "the adapter output is scaled by alpha / rank")
+    target_modules: str = setting("q_proj,v_proj", "comma-separated module name suffixes (Llama attention)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_positive(self, "rank", "alpha")
+        require_positive(self, "algorithm", "rank", "alpha")
         names = self.targets
         if not names or any(not n.replace("_", "").replace(".", "").isalnum() for n in names):
-            raise ValueError(
+            raise ConfigError(
                 f"`algorithm.target_modules` must be comma-separated module names such as 'q_proj,v_proj', "
                 f"got {self.target_modules!r}"
             )
@@ -68,10 +69,6 @@ class FedIT(DenseAlgorithm):
     """FedIT: the dense-delta protocol with LoRA adapters as the trainable tensors."""
 
     name = "fedit"
-
-    def __init__(self, config: FedITConfig, seed: int):
-        super().__init__(seed, config.local_steps)
-        self.config = config
 
     def bind(self, model: LocalModel) -> None:
         """Inject the adapters (once per model) and make them ``model.trainable`` and ``model.base``.

@@ -34,34 +34,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, require
-from fedseed.algorithms.robust import Contribution, capped_weights, clip_norms, clip_values, combine
+from fedseed.algorithms.base import OPTIMIZERS, Algorithm, Batches, InvalidReply, make_optimizer, require
+from fedseed.algorithms.robust import Contribution, RobustSection, capped_weights, clip_norms, clip_values, combine
 from fedseed.directions import derive_seed, random_matrix
 from fedseed.models import DIRTY, LocalModel, checkpointed_layers
+from fedseed.settings import check_choices, require_positive, setting
 from fedseed.wire import F32, F32Array, U32, U64, UIntArray, message
 
 POOL_TAG = 0xC750
 STEP_TAG = 0xC751
-OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
 class FedKRSOConfig:
     """Hyperparameters of FedKRSO (tuned on stories260K; the paper fixes only ``E[P^T P] = I``)."""
 
-    num_seeds: int = 8  # K, the server's pool of subspace seeds
-    rank: int = 4  # r, rows of every projection P (columns of every accumulator B)
-    interval: int = 10  # local steps spent in one subspace before drawing the next seed
-    local_steps: int = 20  # steps per client per round
-    lr: float = 2e-3
-    optimizer: str = "adam"  # adam | sgd; state is m x r per matrix either way
+    num_seeds: int = setting(8, "K: the server's pool of subspace seeds")
+    rank: int = setting(4, "r: rows of every projection P (columns of every accumulator B)")
+    interval: int = setting(10, "local steps spent in one subspace before drawing the next seed")
+    local_steps: int = setting(20, "steps per client per round")
+    lr: float = setting(2e-3, "local learning rate of the accumulators")
+    optimizer: str = setting("adam", "local optimiser of the accumulators (state is m x r per matrix either way)",
+                             OPTIMIZERS)
 
     def __post_init__(self) -> None:
-        for name in ("num_seeds", "rank", "interval", "local_steps", "lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"`algorithm.{name}` must be > 0, got {getattr(self, name)!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"`algorithm.optimizer` must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        require_positive(self, "algorithm", "num_seeds", "rank", "interval", "local_steps", "lr")
+        check_choices(self, "algorithm")
 
     @property
     def intervals(self) -> int:
@@ -211,7 +209,7 @@ class Subspace:
         self.accumulators = [
             torch.zeros(m.rows, config.rank, device=m.weight.device, requires_grad=True) for m in mats
         ]
-        self.optimizer = _optimizer(self.accumulators, config)
+        self.optimizer = make_optimizer(self.accumulators, config.optimizer, config.lr)
 
     @contextmanager
     def attached(self) -> Iterator[None]:
@@ -249,12 +247,6 @@ class Subspace:
         return [b.detach() for b in self.accumulators]
 
 
-def _optimizer(params: list[torch.Tensor], cfg: FedKRSOConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr)
-    return torch.optim.SGD(params, lr=cfg.lr)
-
-
 # -- the algorithm -------------------------------------------------------------------
 
 
@@ -264,13 +256,11 @@ class FedKRSO(Algorithm):
     name = "fedkrso"
     Task, Reply, Update = SubspaceTask, SubspaceReply, SubspaceUpdate
 
-    def __init__(self, config: FedKRSOConfig, seed: int):
-        self.config = config
-        self.seed = seed
+    def __init__(self, config: FedKRSOConfig, seed: int, robust: RobustSection | None = None):
+        super().__init__(config, seed, robust)
         self.pool = [derive_seed(seed, POOL_TAG, k) for k in range(config.num_seeds)]
         self.totals: dict[int, np.ndarray] = {}  # seed index -> (S,) float64 T_k, summed in round order
         self.chunk: int | None = None  # S, set by bind
-        self.committed = 0
 
     def bind(self, model: LocalModel) -> None:
         """Fix ``S``, the per-seed size of the model's accumulators (the server checks replies against it)."""

@@ -26,8 +26,9 @@ import torch
 
 from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, require
 from fedseed.algorithms.zeroth_order import Perturbation
-from fedseed.algorithms.robust import Contribution, capped_weights, clip_norms, clip_values, combine
+from fedseed.algorithms.robust import Contribution, RobustSection, capped_weights, clip_norms, clip_values, combine
 from fedseed.directions import DISTRIBUTIONS, derive_seed
+from fedseed.settings import ConfigError, check_choices, require_positive, setting
 from fedseed.models import DIRTY, LocalModel
 from fedseed.wire import F32, F32Array, F64Array, U8, U32, U64, UIntArray, message
 
@@ -39,26 +40,20 @@ STEP_TAG = 0x57E9
 class FedKSeedConfig:
     """Hyperparameters of FedKSeed / FedKSeed-Pro (paper defaults where they exist)."""
 
-    num_seeds: int = 4096  # K, the candidate seed pool
-    local_steps: int = 200  # tau, zeroth-order steps per client per round
-    lr: float = 3e-7
-    eps: float = 5e-4  # perturbation scale
-    distribution: str = "rademacher"  # rademacher (bitwise portable) | gaussian
-    pro: bool = False  # FedKSeed-Pro's non-uniform seed sampling
-    clip: float = 1000.0  # |g| clip for the Pro history
+    num_seeds: int = setting(4096, "K: the candidate seed pool")
+    local_steps: int = setting(200, "tau: zeroth-order steps per client per round")
+    lr: float = setting(3e-7, "local learning rate (0 measures gradients and moves nothing)")
+    eps: float = setting(5e-4, "perturbation scale")
+    distribution: str = setting("rademacher", "direction entries: rademacher (bitwise portable) or gaussian",
+                                DISTRIBUTIONS)
+    pro: bool = setting(False, "FedKSeed-Pro's non-uniform seed sampling (fixed by the method name)")
+    clip: float = setting(1000.0, "FedKSeed-Pro: |g| clip of the seed history")
 
     def __post_init__(self) -> None:
-        _positive(self, "num_seeds", "local_steps", "eps", "clip")
-        if not self.lr >= 0:  # 0 measures gradients and moves nothing
-            raise ValueError(f"`algorithm.lr` must be >= 0, got {self.lr!r}")
-        if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(f"`algorithm.distribution` must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
-
-
-def _positive(cfg: object, *names: str) -> None:
-    for n in names:
-        if not getattr(cfg, n) > 0:
-            raise ValueError(f"`algorithm.{n}` must be > 0, got {getattr(cfg, n)!r}")
+        require_positive(self, "algorithm", "num_seeds", "local_steps", "eps", "clip")
+        if not self.lr >= 0:
+            raise ConfigError(f"`algorithm.lr` must be >= 0, got {self.lr!r}")
+        check_choices(self, "algorithm")
 
 
 @message(10)
@@ -152,16 +147,14 @@ class FedKSeed(Algorithm):
 
     Task, Reply, Update = SeedTask, SeedReply, SeedUpdate
 
-    def __init__(self, config: FedKSeedConfig, seed: int):
-        self.config = config
+    def __init__(self, config: FedKSeedConfig, seed: int, robust: RobustSection | None = None):
+        super().__init__(config, seed, robust)
         self.name = "fedkseed-pro" if config.pro else "fedkseed"
-        self.seed = seed
         k = config.num_seeds
         self.pool = np.array([derive_seed(seed, POOL_TAG, i) for i in range(k)], dtype=np.uint64)
         self.totals = np.zeros(k, dtype=np.float64)  # C_k, summed in round order
         self.abs_g = np.zeros(k, dtype=np.float64)
         self.counts = np.zeros(k, dtype=np.int64)
-        self.committed = 0
 
     # -- server ------------------------------------------------------------------
     def task(self, round: int, client: int, since: int = 0) -> SeedTask:

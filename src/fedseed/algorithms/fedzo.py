@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedseed.algorithms.base import Batches
-from fedseed.algorithms.dense import DenseAlgorithm, DenseTask, LocalRun, require_positive
+from fedseed.algorithms.dense import DenseAlgorithm, DenseTask, LocalRun
 from fedseed.algorithms.zeroth_order import Perturbation
 from fedseed.directions import DISTRIBUTIONS, derive_seed
 from fedseed.models import LocalModel
+from fedseed.settings import check_choices, require_positive, setting
 
 STEP_TAG = 0x2E05
 
@@ -32,26 +33,21 @@ STEP_TAG = 0x2E05
 class FedZOConfig:
     """Hyperparameters of FedZO's local zeroth-order steps (FedKSeed's defaults where they overlap)."""
 
-    local_steps: int = 200  # zeroth-order steps per client per round
-    lr: float = 3e-7
-    eps: float = 5e-4  # perturbation scale
-    num_directions: int = 1  # b: two-point estimates averaged per step
-    distribution: str = "rademacher"  # rademacher | gaussian
+    local_steps: int = setting(200, "zeroth-order steps per client per round")
+    lr: float = setting(3e-7, "local learning rate")
+    eps: float = setting(5e-4, "perturbation scale")
+    num_directions: int = setting(1, "b: two-point estimates averaged per step")
+    distribution: str = setting("rademacher", "direction entries: rademacher or gaussian", DISTRIBUTIONS)
 
     def __post_init__(self) -> None:
-        require_positive(self, "local_steps", "lr", "eps", "num_directions")
-        if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(f"`algorithm.distribution` must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
+        require_positive(self, "algorithm", "local_steps", "lr", "eps", "num_directions")
+        check_choices(self, "algorithm")
 
 
 class FedZO(DenseAlgorithm):
     """FedZO: the dense-delta protocol around zeroth-order local steps."""
 
     name = "fedzo"
-
-    def __init__(self, config: FedZOConfig, seed: int):
-        super().__init__(seed, config.local_steps)
-        self.config = config
 
     def step_seeds(self, round: int, client: int, step: int) -> list[int]:
         """The fresh direction seeds of one local step."""

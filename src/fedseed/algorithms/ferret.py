@@ -42,15 +42,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, require
-from fedseed.algorithms.robust import capped_weights, clip_norms, clip_values, whole_rows
+from fedseed.algorithms.base import OPTIMIZERS, Algorithm, Batches, InvalidReply, make_optimizer, require
+from fedseed.algorithms.robust import RobustSection, capped_weights, clip_norms, clip_values, whole_rows
 from fedseed.base_weights import BaseWeights, consecutive_groups, snapshot
 from fedseed.directions import DISTRIBUTIONS, DirectionSpace, derive_seed
 from fedseed.models import DIRTY, LocalModel, checkpointed_layers
+from fedseed.settings import ConfigError, check_choices, require_positive, setting
 from fedseed.wire import F32, F32Array, F64Array, U32, U64, UIntArray, message
 
 SEED_TAG = 0xFE77  # the per-client-per-round seed
-OPTIMIZERS = ("sgd", "adam")
 BLOCK_FRACTION = 0.9  # official code: a block holds up to 0.9 x the median tensor size
 QUANTA = 2**24  # the generator's Gaussian draws u1, u2 on a grid of 2^24 points
 
@@ -59,25 +59,21 @@ QUANTA = 2**24  # the generator's Gaussian draws u1, u2 on a grid of 2^24 points
 class FerretConfig:
     """Hyperparameters of Ferret (paper values where the paper gives them)."""
 
-    num_bases: int = 1024  # K: bases per client per round, summed over blocks (tuned on stories260K)
-    local_steps: int = 10  # T: optimizer steps per round (official script: 40 batches, 4 per step)
-    grad_accum: int = 4  # batches per optimizer step (official script: n_accum 4)
-    lr: float = 1e-4  # local learning rate (paper)
-    optimizer: str = "sgd"  # sgd (official script, momentum 0) | adam
-    server_lr: float = 3.0  # global step on the mean reconstruction (paper: 3 on Dolly, 10 on NI)
-    block_size: int = 0  # elements per block; 0 = 0.9 x the median tensor size (official rule)
-    distribution: str = "gaussian"  # basis entries: gaussian | rademacher
+    num_bases: int = setting(1024, "K: bases per client per round, summed over blocks (tuned on stories260K)")
+    local_steps: int = setting(10, "T: optimizer steps per round (official script: 40 batches, 4 per step)")
+    grad_accum: int = setting(4, "batches per optimizer step (official script: n_accum 4)")
+    lr: float = setting(1e-4, "local learning rate (paper)")
+    optimizer: str = setting("sgd", "local optimiser: sgd (official script, momentum 0; holds no gradient buffer), "
+                                    "adam or adamw", OPTIMIZERS)
+    server_lr: float = setting(3.0, "global step on the mean reconstruction (paper: 3 on Dolly, 10 on NI)")
+    block_size: int = setting(0, "elements per block; 0 = 0.9 x the median tensor size (official rule)")
+    distribution: str = setting("gaussian", "basis entries: gaussian or rademacher", DISTRIBUTIONS)
 
     def __post_init__(self) -> None:
-        for name in ("num_bases", "local_steps", "grad_accum", "lr", "server_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"`algorithm.{name}` must be > 0, got {getattr(self, name)!r}")
+        require_positive(self, "algorithm", "num_bases", "local_steps", "grad_accum", "lr", "server_lr")
         if self.block_size < 0:
-            raise ValueError(f"`algorithm.block_size` must be >= 0 (0 = automatic), got {self.block_size!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"`algorithm.optimizer` must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(f"`algorithm.distribution` must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
+            raise ConfigError(f"`algorithm.block_size` must be >= 0 (0 = automatic), got {self.block_size!r}")
+        check_choices(self, "algorithm")
 
 
 # -- wire messages -------------------------------------------------------------------
@@ -237,12 +233,10 @@ class Ferret(Algorithm):
     rules = ("mean",)  # each client's coordinates live in bases of its own: no per-coordinate median
     Task, Reply, Update = FerretTask, FerretReply, FerretUpdate
 
-    def __init__(self, config: FerretConfig, seed: int):
-        self.config = config
-        self.seed = seed
+    def __init__(self, config: FerretConfig, seed: int, robust: RobustSection | None = None):
+        super().__init__(config, seed, robust)
         self.history: list[FerretUpdate] = []  # committed updates, round 1 first: what late clients replay
         self.blocks: list[list[int]] | None = None  # set by bind: indices into model.trainable
-        self.committed = 0
 
     def bind(self, model: LocalModel) -> None:
         """Fix the model's block layout (the server checks replies against it)."""
@@ -395,12 +389,6 @@ def _apply_round_(spaces: list[DirectionSpace], seeds: np.ndarray, weights: np.n
         space.add_(np.concatenate(block_seeds), np.concatenate(block_coeffs))
 
 
-def _optimizer(params: list[torch.nn.Parameter], cfg: FerretConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr)
-    return torch.optim.SGD(params, lr=cfg.lr)
-
-
 def _local_steps(model: LocalModel, batches: Batches, cfg: FerretConfig) -> tuple[int, int, list[float]]:
     """``local_steps`` optimizer steps of ``grad_accum`` batches each; returns (steps, skipped, losses)."""
     return (_fused_sgd_steps if cfg.optimizer == "sgd" else _buffered_steps)(model, batches, cfg)
@@ -454,7 +442,7 @@ def _buffered_steps(model: LocalModel, batches: Batches, cfg: FerretConfig) -> t
     and counted, never silently folded in.
     """
     params = [p for _, p in model.trainable]
-    opt = _optimizer(params, cfg)
+    opt = make_optimizer(params, cfg.optimizer, cfg.lr)
     skipped, losses = 0, []
     for _ in range(cfg.local_steps):
         opt.zero_grad(set_to_none=True)

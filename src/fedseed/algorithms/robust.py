@@ -31,7 +31,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedseed.config import RULES
+from fedseed.settings import setting
+
+RULES = ("mean", "median", "trimmed-mean")  # how clients' values on one seed/coordinate combine
+
+
+@dataclass
+class RobustSection:
+    """``[robust]``: the server's defences against hostile or broken clients (this module says how each works)."""
+
+    rule: str = setting("mean", "how clients' values on one seed/coordinate combine", RULES)
+    trim: float = setting(0.2, "trimmed-mean: fraction of the reporting clients cut from each end, per coordinate")
+    norm_clip: float = setting(3.0, "scale a client's update down to this multiple of the round's median norm "
+                                    "(0 = off)")
+    value_clip: float = setting(0.0, "clip every scalar/coordinate to this multiple of the round's median |value| "
+                                     "(0 = off)")
+    max_weight: float = setting(0.5, "cap on one client's share of a round (1 = off; never below 1 / replies)")
+    fingerprint_samples: int = setting(1024, "weights hashed to detect a client whose copy drifted (0 = off)")
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,12 @@ import dataclasses
 import sys
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedseed.config import SECTIONS, Config, ConfigError, build_section, load_config, parse_override
+from fedseed.settings import setting
 from fedseed.runfolder import to_toml
 
 UNSET = ""  # a run-config value that means "fedseed's default"
@@ -42,22 +43,22 @@ NODE_LOCAL = ("model.name_or_path", "data.path", "run.device")  # node-config ma
 class FlowerSettings:
     """The ``[flower]`` run-config section: how the ServerApp drives rounds over real nodes."""
 
-    round_timeout: float = field(default=600.0, metadata={"help": "seconds to wait for a round's replies"})
-    min_replies: int = field(default=1, metadata={"help": "fewest accepted replies a round is aggregated from; "
-                                                          "fewer stops the run (the ledger keeps every earlier round)"})
-    startup_timeout: float = field(default=120.0, metadata={"help": "seconds to wait for flower.min_clients "
-                                                                    "connected clients before the first round"})
-    min_clients: int = field(default=0, metadata={"help": "clients with a connected node a round needs to start "
-                                                          "(0 = federation.clients_per_round)"})
-    grace: float = field(default=15.0, metadata={"help": "seconds a sampled client whose node is gone is waited "
-                                                         "for before it is replaced (or dropped)"})
-    replace: bool = field(default=True, metadata={"help": "replace a sampled client whose node is gone by a "
-                                                          "connected client not sampled this round"})
-    pin_nodes: bool = field(default=True, metadata={"help": "a client id belongs to the SuperNode that first "
-                                                            "claimed it; another node claiming it is refused"})
-    resume: bool = field(default=True, metadata={"help": "continue the ledger in run.output_dir when it is this "
-                                                        "experiment's (same algorithm, hyperparameters, seed, base)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a ledger of another experiment in run.output_dir"})
+    round_timeout: float = setting(600.0, "seconds to wait for a round's replies")
+    min_replies: int = setting(1, "fewest accepted replies a round is aggregated from; "
+                                  "fewer stops the run (the ledger keeps every earlier round)")
+    startup_timeout: float = setting(120.0, "seconds to wait for flower.min_clients "
+                                            "connected clients before the first round")
+    min_clients: int = setting(0, "clients with a connected node a round needs to start "
+                                  "(0 = federation.clients_per_round)")
+    grace: float = setting(15.0, "seconds a sampled client whose node is gone is waited "
+                                 "for before it is replaced (or dropped)")
+    replace: bool = setting(True, "replace a sampled client whose node is gone by a "
+                                  "connected client not sampled this round")
+    pin_nodes: bool = setting(True, "a client id belongs to the SuperNode that first "
+                                    "claimed it; another node claiming it is refused")
+    resume: bool = setting(True, "continue the ledger in run.output_dir when it is this "
+                                 "experiment's (same algorithm, hyperparameters, seed, base)")
+    overwrite: bool = setting(False, "replace a ledger of another experiment in run.output_dir")
 
     def __post_init__(self) -> None:
         if not self.round_timeout > 0:
