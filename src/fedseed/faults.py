@@ -1,13 +1,15 @@
 """Fault injection: what a hostile or broken client sends, for tests and robustness studies.
 
-With ``[faults] adversaries = n`` the in-process runner makes clients ``0 .. n-1``
-misbehave whenever they are sampled. Each trains honestly first, so its lies are
-built from a real reply, then does one of:
+A client's reply leaves it through its :class:`Uplink`. With ``[faults]
+adversaries = n`` the in-process runner gives clients ``0 .. n-1`` an
+:class:`Adversary`'s uplink (a test may install its own): the client trains
+honestly, so its lies are built from a real reply, and the uplink then does one of:
 
     huge              every reported value times ``faults.scale`` (kept finite in float32)
     sign-flip         every reported value negated
     nan               a NaN where the first reported value (or the loss) is
-    out-of-pool       names a seed outside the pool (or a coordinate beyond the model)
+    out-of-pool       names seed id 2^32 - 1, outside any pool (a reply without seed ids:
+                      one value more than the model or its bases have)
     stale-round       answers for the previous round
     wrong-client      answers as another client
     inflate-examples  claims 2^32 - 1 training examples, to take over the weighted mean
@@ -27,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,27 +54,53 @@ class FaultsSection:
 
 
 FAULT_TAG = 0xFA17
+OUT_OF_POOL = 2**32 - 1  # a seed id no pool reaches
 F32_MAX = float(np.finfo(np.float32).max)
 
 
-def is_adversary(faults: FaultsSection, client: int) -> bool:
-    return client < faults.adversaries
+class Uplink:
+    """How a client's reply leaves it: encoded, once, as an honest client sends it."""
+
+    def before_train(self, model: LocalModel) -> None:
+        """What happens to the client's copy of the model before it trains (nothing, for an honest one)."""
+
+    def frames(self, reply: Any) -> list[bytes]:
+        """The frames sent for ``reply``."""
+        return [wire.encode(reply)]
 
 
-def hostile_frames(faults: FaultsSection, reply: Any, num_seeds: int, seed: int) -> list[bytes]:
-    """The frames an adversary sends instead of its honest ``reply``."""
-    attack = faults.attack
-    frame = wire.encode(reply)
-    rng = np.random.default_rng([seed, reply.round, reply.client, FAULT_TAG])
-    if attack == "truncated":
-        return [frame[: len(frame) // 2]]
-    if attack == "random-bytes":
-        return [rng.bytes(len(frame))]
-    if attack == "duplicate":
-        return [frame, frame]
-    if attack == "nan":
-        return [_with_nan(reply, frame)]
-    return [wire.encode(_lie(attack, reply, faults.scale, num_seeds))]
+HONEST = Uplink()
+
+
+class Adversary(Uplink):
+    """A hostile client's uplink: ``faults.attack`` applied to every honest reply (and, for drift, to its copy)."""
+
+    def __init__(self, faults: FaultsSection, seed: int):
+        self.attack, self.scale, self.seed = faults.attack, faults.scale, seed
+
+    def before_train(self, model: LocalModel) -> None:
+        if self.attack == "drift":
+            drift_(model)
+
+    def frames(self, reply: Any) -> list[bytes]:
+        frame = wire.encode(reply)
+        if self.attack == "drift":
+            return [frame]
+        if self.attack == "truncated":
+            return [frame[: len(frame) // 2]]
+        if self.attack == "random-bytes":
+            return [np.random.default_rng([self.seed, reply.round, reply.client, FAULT_TAG]).bytes(len(frame))]
+        if self.attack == "duplicate":
+            return [frame, frame]
+        if self.attack == "nan":
+            return [_with_nan(reply, frame)]
+        return [wire.encode(_lie(self.attack, reply, self.scale))]
+
+
+def uplinks(faults: FaultsSection, seed: int) -> Callable[[int], Uplink]:
+    """Each client's uplink under ``[faults]``: the ``adversaries`` lowest client ids attack, the rest are honest."""
+    adversary = Adversary(faults, seed)
+    return lambda client: adversary if client < faults.adversaries else HONEST
 
 
 def _payload(reply: Any) -> list[str]:
@@ -79,13 +108,13 @@ def _payload(reply: Any) -> list[str]:
     return [name for name, kind in wire.fields(type(reply)) if kind == "f32[]"]
 
 
-def _lie(attack: str, reply: Any, scale: float, num_seeds: int) -> Any:
+def _lie(attack: str, reply: Any, scale: float) -> Any:
     change: dict[str, Any] = {}
     if attack in ("huge", "sign-flip"):
         factor = scale if attack == "huge" else -1.0
         change = {n: np.clip(getattr(reply, n).astype(np.float64) * factor, -F32_MAX, F32_MAX) for n in _payload(reply)}
     elif attack == "out-of-pool":
-        change = _out_of_pool(reply, num_seeds)
+        change = _out_of_pool(reply)
     elif attack == "stale-round":
         change = {"round": reply.round - 1}
     elif attack == "wrong-client":
@@ -97,13 +126,11 @@ def _lie(attack: str, reply: Any, scale: float, num_seeds: int) -> Any:
     return dataclasses.replace(reply, **change)
 
 
-def _out_of_pool(reply: Any, num_seeds: int) -> dict[str, Any]:
+def _out_of_pool(reply: Any) -> dict[str, Any]:
     ids = getattr(reply, "seed_ids", None)
-    if ids is not None and ids.size:  # the last id moved past the pool, keeping the ids ascending
-        return {"seed_ids": np.concatenate([ids[:-1], [max(num_seeds, int(ids[-1])) + 7]])}
-    if hasattr(reply, "seed"):  # Ferret: a seed that is not this client's
-        return {"seed": reply.seed + 1}
-    [name, *_] = _payload(reply)  # one value more than the model (or pool) has
+    if ids is not None and ids.size:  # the last id moved past any pool, keeping the ids ascending
+        return {"seed_ids": np.concatenate([ids[:-1], [OUT_OF_POOL]])}
+    [name, *_] = _payload(reply)  # one value more than the model (or the bases) have
     return {name: np.append(getattr(reply, name), np.float32(0.5))}
 
 

@@ -1,6 +1,6 @@
 """fedseed's Flower app: the ServerApp and ClientApp that ``flower/pyproject.toml`` names.
 
-Thin entry points only. The ServerApp runs :func:`~fedseed.runners.flower_server.serve`
+Thin entry points only. The ServerApp runs :func:`~fedseed.runners.flower_server.run_server`
 (the round loop), the ClientApp answers ``train`` instructions and ``query`` roll
 calls with :mod:`~fedseed.runners.flower_client`. Any fedseed algorithm runs
 through them unchanged: neither side knows which one it moves messages for.
@@ -19,12 +19,12 @@ client = ClientApp()
 
 
 @server.main()
-def serve(grid: Grid, context: Context) -> None:
+def main(grid: Grid, context: Context) -> None:
     from fedseed.memory import return_freed_memory
-    from fedseed.runners.flower_server import serve as run
+    from fedseed.runners.flower_server import run_server
 
     return_freed_memory()
-    run(grid, context.run_config)
+    run_server(grid, context.run_config)
 
 
 @client.train()

@@ -68,7 +68,9 @@ from fedseed.runners.flower_records import (
     roll_call_message,
     run_id,
 )
-from fedseed.runners.simulation import Events, Expected, RoundResult, accept, begin, close_round, expected, finish_round
+from fedseed.runners.simulation import (
+    Events, Expected, Round, RoundResult, Run, accept, begin, close_round, expected, finish_round, sync_to_latest,
+)
 
 POLL = 0.5  # seconds between pulls for replies
 ROLL_CALL_EVERY = 3.0  # seconds between looks for nodes not yet known
@@ -240,6 +242,7 @@ class FlowerRound:
         self.expect, self.seed = expect, seed
         sampled = sample_connected(seed, round, fed.num_clients, fed.clients_per_round, roster.connected())
         self.result = RoundResult(round, sampled)
+        self.checks = Round(server, expect, self.result)
         self.gone: dict[int, float] = {}  # client -> when it was last seen without a node
         self.replaced: dict[int, int] = {}  # dropped client -> the client that took its place
         self.sent: dict[str, Sent] = {}  # instruction message id -> what was sent this round
@@ -367,7 +370,7 @@ class FlowerRound:
                 self.give_up(c)
             return
         self.flower_up[c] = self.flower_up.get(c, 0) + flower_bytes(msg)
-        reply = accept(self.server, sent.task, c, answer.frame, self.result, self.expect)
+        reply = accept(self.checks, sent.task, c, answer.frame)
         if reply is None and c in self.result.drifted:  # its cached copy drifted: rebuild from base + ledger
             if c in self.resent:
                 self.result.reject(c, f"still drifted after a resync from the ledger: {self.result.drifted[c]}")
@@ -401,7 +404,7 @@ class FlowerRound:
                 f"{self.settings.min_replies}; dropped: {dropped}. The ledger holds every earlier round: start the "
                 "run again (flower.resume = true) once the nodes are back"
             )
-        update = close_round(self.server, self.round, [self.replies[c] for c in sorted(self.replies)], self.result)
+        update = close_round(self.checks, [self.replies[c] for c in sorted(self.replies)])
         extra = {
             "accepted": sorted(self.replies),
             "dropped": {str(c): why for c, why in dropped.items()},
@@ -456,13 +459,12 @@ class Session:
 
     def __init__(self, run_config: Mapping[str, Any], events: Events | None = None):
         cfg, self.settings = from_run_config(run_config)
-        self.events = events or PrintEvents()
-        self.exp = prepare_server(cfg)  # the model and data.eval_path: no client's training data
-        self.folder = RunFolder(cfg.run.output_dir)
-        resume = open_run(self.exp, self.folder, self.settings)
-        self.server, self.evaluator = self.exp.algorithm(), self.exp.algorithm()
+        exp = prepare_server(cfg)  # the model and data.eval_path: no client's training data
+        folder = RunFolder(cfg.run.output_dir)
+        resume = open_run(exp, folder, self.settings)
+        self.run = Run(exp, folder, exp.algorithm(), exp.algorithm(), events or PrintEvents())
         try:
-            self.ledger = begin(self.exp, self.folder, self.server, self.evaluator, resume, self.events)
+            self.ledger = begin(self.run, resume)
         except LedgerError as e:
             raise LedgerError(f"{e}; set flower.overwrite = true to replace it, or choose another run.output_dir") \
                 from None
@@ -473,6 +475,18 @@ class Session:
             print(f"{self.folder.path} already holds all {self.ledger.rounds} rounds of this experiment: nothing to "
                   "run (flower.overwrite = true starts it again, or choose another run.output_dir)", flush=True)
 
+    @property
+    def exp(self) -> Experiment:
+        return self.run.exp
+
+    @property
+    def server(self) -> Algorithm:
+        return self.run.server
+
+    @property
+    def folder(self) -> RunFolder:
+        return self.run.folder
+
     def rounds(self) -> range:
         """The rounds still to run."""
         return range(self.ledger.rounds + 1, self.exp.config.federation.rounds + 1)
@@ -481,28 +495,29 @@ class Session:
         """Wait for enough connected clients, then the round's sample and what honest replies must say."""
         if len(self.roster.connected()) < self.need:
             self.roster.wait_for(grid, self.need, self.settings.startup_timeout)
-        expect = expected(self.exp, self.server, self.evaluator)
+        sync_to_latest(self.run)
+        expect = expected(self.run)
         return FlowerRound(grid, self.exp, self.server, self.roster, self.exp.base_hash, self.settings, round, expect)
 
     def close_round(self, update: Any, result: RoundResult, started: float, extra: dict[str, Any]) -> dict[str, Any]:
         """Commit the round: the update into the server, the row into metrics.jsonl, then the ledger."""
-        return finish_round(self.exp, self.folder, self.ledger, self.server, self.evaluator, update, result, started,
-                            self.events, extra)
+        return finish_round(self.run, update, result, started, extra)
 
-    def run(self, grid: Grid, round: int) -> dict[str, Any]:
+    def train(self, grid: Grid, round: int) -> dict[str, Any]:
+        """One whole round: open it, run it over the Grid, commit it."""
         started = time.perf_counter()
-        update, result, extra = self.open_round(grid, round).run(self.events)
+        update, result, extra = self.open_round(grid, round).run(self.run.events)
         return self.close_round(update, result, started, extra)
 
     def report(self) -> str:
         return write_report(self.folder, _report(self.exp, self.folder, self.ledger))
 
 
-def serve(grid: Grid, run_config: Mapping[str, Any], events: Events | None = None) -> Ledger:
+def run_server(grid: Grid, run_config: Mapping[str, Any], events: Events | None = None) -> Ledger:
     """The ServerApp's main: run, or continue, the experiment the run-config describes; returns the ledger."""
     session = Session(run_config, events)
     for round in session.rounds():
-        session.run(grid, round)
+        session.train(grid, round)
     print(session.report(), flush=True)
     return session.ledger
 

@@ -78,7 +78,7 @@ class FedSeedStrategy(Strategy):
         session = self._session()
         result = Result()
         for round in session.rounds():
-            row = session.run(grid, round)
+            row = session.train(grid, round)
             result.train_metrics_clientapp[round] = _metrics(row)
             evaluated = {k: float(v) for k, v in row.items() if k in ("eval_loss", "rouge_l", "accuracy")}
             if evaluated:
@@ -131,7 +131,7 @@ class FedSeedStrategy(Strategy):
                 rnd.result.reject(c, f"its copy is at position {answer.position}, not where the task was made for "
                                      "(fedseed's own start() resends it)")
                 continue
-            reply = accept(session.server, tasks[c], c, answer.frame, rnd.result, rnd.expect)
+            reply = accept(rnd.checks, tasks[c], c, answer.frame)
             if reply is not None:
                 rnd.replies[c] = reply
         update, result, extra = rnd.close()

@@ -4,6 +4,11 @@ It only moves messages. Every task and reply is really encoded, counted and
 decoded, exactly as it would cross a network, and the server side and client
 side are separate algorithm objects, so nothing reaches a client except through
 a message. The round loop is written once; it knows nothing of the algorithm.
+A client's reply leaves it through its :class:`~fedseed.faults.Uplink`: honest
+encoding, or the hostile one ``[faults]`` (or a test) installs for a client.
+
+:class:`Run` (what a run's rounds share) and :func:`accept`, :func:`close_round`,
+:func:`begin` and :func:`finish_round` are the Flower runner's too.
 """
 
 from __future__ import annotations
@@ -12,13 +17,14 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from fedseed import eval as evaluation
 from fedseed import wire
 from fedseed.algorithms import EVALUATOR, Algorithm, InvalidReply
 from fedseed.experiment import Experiment, sample_clients
-from fedseed.faults import drift_, hostile_frames, is_adversary
+from fedseed.faults import HONEST, Uplink, uplinks
 from fedseed.ledger import FORMAT, Ledger, LedgerError, LedgerHeader, canonical_json
 from fedseed.models import DIRTY
 from fedseed.runfolder import RunFolder
@@ -78,10 +84,35 @@ class Expected:
     examples: dict[int, int] | None  # training examples of each client, its aggregation weight (None: not known)
 
 
-def expected(exp: Experiment, server: Algorithm, evaluator: Algorithm) -> Expected:
-    """Sync the runner's own copy to the latest global model and fingerprint it, the way every client will."""
-    sync_to_latest(exp, server, evaluator)
-    fingerprint = exp.model.fingerprint(exp.config.run.seed, server.committed, exp.config.robust.fingerprint_samples)
+@dataclass
+class Round:
+    """What checking one round's replies needs: the server, what honest replies say, what the round moved."""
+
+    server: Algorithm
+    expect: Expected
+    result: RoundResult
+
+
+@dataclass
+class Run:
+    """A run's moving parts, shared by every round and by both runners.
+
+    ``evaluator`` syncs the runner's own copy of the model to the global one (to
+    fingerprint and evaluate it; in-process it is also every client's algorithm).
+    """
+
+    exp: Experiment
+    folder: RunFolder
+    server: Algorithm
+    evaluator: Algorithm
+    events: Events
+    ledger: Ledger | None = None  # set by begin
+
+
+def expected(run: Run) -> Expected:
+    """What honest replies of the next round say: the fingerprint of the runner's copy (synced first by the caller)."""
+    exp = run.exp
+    fingerprint = exp.model.fingerprint(exp.config.run.seed, run.server.committed, exp.config.robust.fingerprint_samples)
     known = {c: len(examples) for c, examples in exp.data.clients.items()} if exp.data.partition else None
     return Expected(fingerprint, known)
 
@@ -110,12 +141,13 @@ def open_ledger(folder: RunFolder, exp: Experiment, server: Algorithm, resume: b
     return ledger
 
 
-def accept(server: Algorithm, task: Any, c: int, up: bytes, result: RoundResult, expect: Expected) -> Any | None:
+def accept(rnd: Round, task: Any, c: int, up: bytes) -> Any | None:
     """Decode and check client ``c``'s encoded reply; a rejected one is recorded with its reason, and None returned.
 
     A reply whose fingerprint is not the global model's goes to ``result.drifted``
     instead: its client's copy drifted, and the caller resyncs it from the ledger.
     """
+    server, result, expect = rnd.server, rnd.result, rnd.expect
     result.uplink[c] = result.uplink.get(c, 0) + len(up)
     try:
         if c in result.accepted:
@@ -139,65 +171,61 @@ def accept(server: Algorithm, task: Any, c: int, up: bytes, result: RoundResult,
     return reply
 
 
-def close_round(server: Algorithm, round: int, replies: list[Any], result: RoundResult) -> Any:
+def close_round(rnd: Round, replies: list[Any]) -> Any:
     """The round's update from its accepted replies (arrival order does not matter)."""
+    result = rnd.result
     if not replies:
-        raise InvalidReply(f"round {round}: every reply was rejected, nothing to aggregate: {result.rejected}. The "
-                           "ledger holds every earlier round; fix the clients and continue with --resume")
+        raise InvalidReply(f"round {result.round}: every reply was rejected, nothing to aggregate: {result.rejected}. "
+                           "The ledger holds every earlier round; fix the clients and continue with --resume")
     result.train_loss = sum(r.loss for r in replies) / len(replies)
-    return server.aggregate(round, replies)
+    return rnd.server.aggregate(result.round, replies)
 
 
-def run_round(exp: Experiment, server: Algorithm, client: Algorithm, round: int, events: Events) -> tuple[Any, RoundResult]:
+def run_round(run: Run, round: int, uplink: Callable[[int], Uplink]) -> tuple[Any, RoundResult]:
     """Tasks out, local training, replies back and checked, aggregation. Changes no server state."""
-    fed = exp.config.federation
-    result = RoundResult(round, sample_clients(exp.config.run.seed, round, fed.num_clients, fed.clients_per_round))
-    events.round_start(round, result.clients)
-    expect = expected(exp, server, client)
+    fed = run.exp.config.federation
+    result = RoundResult(round, sample_clients(run.exp.config.run.seed, round, fed.num_clients, fed.clients_per_round))
+    run.events.round_start(round, result.clients)
+    sync_to_latest(run)
+    rnd = Round(run.server, expected(run), result)
     replies = []
     for c in result.clients:
-        reply = serve(exp, server, client, round, c, expect, result)
+        reply = exchange_or_resync(run, rnd, c, uplink(c))
         if reply is not None:
             replies.append(reply)
-            events.client_done(round, c)
-    return close_round(server, round, replies, result), result
+            run.events.client_done(round, c)
+    return close_round(rnd, replies), result
 
 
-def serve(exp: Experiment, server: Algorithm, client: Algorithm, round: int, c: int, expect: Expected,
-          result: RoundResult) -> Any | None:
+def exchange_or_resync(run: Run, rnd: Round, c: int, uplink: Uplink) -> Any | None:
     """Client ``c``'s exchange; a copy caught drifting is rebuilt from the base and the ledger and asked once more."""
-    faults = exp.config.faults
-    attack = faults.attack if is_adversary(faults, c) else None
-    if attack == "drift":
-        drift_(exp.model)
-    reply = exchange(exp, server, client, round, c, exp.model.position, expect, result, attack)
-    if c in result.drifted:
-        exp.model.position = DIRTY  # not the global model any more: the next sync starts from w0
-        reply = exchange(exp, server, client, round, c, 0, expect, result, None)
-        if c not in result.accepted:
-            result.reject(c, f"still drifted after a resync from the ledger: {result.drifted[c]}")
+    model = run.exp.model
+    uplink.before_train(model)
+    reply = exchange(run, rnd, c, model.position, uplink)
+    if c in rnd.result.drifted:
+        model.position = DIRTY  # not the global model any more: the next sync starts from w0
+        reply = exchange(run, rnd, c, 0, HONEST)
+        if c not in rnd.result.accepted:
+            rnd.result.reject(c, f"still drifted after a resync from the ledger: {rnd.result.drifted[c]}")
     return reply
 
 
-def exchange(exp: Experiment, server: Algorithm, client: Algorithm, round: int, c: int, since: int,
-             expect: Expected, result: RoundResult, attack: str | None) -> Any | None:
-    """One task out, local training, the reply (or an adversary's frames) back through :func:`accept`."""
-    task = server.task(round, c, since)
+def exchange(run: Run, rnd: Round, c: int, since: int, uplink: Uplink) -> Any | None:
+    """One task out, local training, the reply's frames back through :func:`accept`."""
+    client, round = run.evaluator, rnd.result.round
+    task = rnd.server.task(round, c, since)
     down = wire.encode(task)
-    result.downlink[c] = result.downlink.get(c, 0) + len(down)
-    reply = client.train(exp.model, exp.batches(round, c), wire.decode(down, client.Task))
-    if attack in (None, "drift"):
-        frames = [wire.encode(reply)]
-    else:
-        frames = hostile_frames(exp.config.faults, reply, getattr(server.config, "num_seeds", 0), exp.config.run.seed)
-    accepted = [accept(server, task, c, up, result, expect) for up in frames]
+    rnd.result.downlink[c] = rnd.result.downlink.get(c, 0) + len(down)
+    reply = client.train(run.exp.model, run.exp.batches(round, c), wire.decode(down, client.Task))
+    accepted = [accept(rnd, task, c, up) for up in uplink.frames(reply)]
     return next((r for r in accepted if r is not None), None)
 
 
-def sync_to_latest(exp: Experiment, server: Algorithm, client: Algorithm) -> None:
-    """Bring the in-memory model to the latest global model, through an encoded message."""
-    task = server.task(server.committed + 1, EVALUATOR, exp.model.position)
-    client.sync(exp.model, wire.decode(wire.encode(task), client.Task))
+def sync_to_latest(run: Run) -> None:
+    """Bring the runner's copy of the model to the latest global model, through an encoded message."""
+    server, client, model = run.server, run.evaluator, run.exp.model
+    task = server.task(server.committed + 1, EVALUATOR, model.position)
+    client.sync(model, wire.decode(wire.encode(task), client.Task))
 
 
 def evaluate(exp: Experiment, generation: bool, events: Events) -> dict[str, float]:
@@ -221,20 +249,20 @@ def evaluate(exp: Experiment, generation: bool, events: Events) -> dict[str, flo
     return out
 
 
-def begin(exp: Experiment, folder: RunFolder, server: Algorithm, client: Algorithm, resume: bool,
-          events: Events) -> Ledger:
+def begin(run: Run, resume: bool) -> Ledger:
     """Bind both algorithm objects to the model, open (or replay) the ledger, evaluate the base model on a fresh run."""
-    server.bind(exp.model)
-    client.bind(exp.model)
-    ledger = open_ledger(folder, exp, server, resume)
-    folder.trim_metrics(ledger.rounds)
-    if ledger.rounds == 0 and exp.config.eval.before and not any(r["round"] == 0 for r in folder.metrics()):
-        folder.append_metrics({"round": 0, **evaluate(exp, generation=True, events=events)})
-    return ledger
+    exp, folder = run.exp, run.folder
+    run.server.bind(exp.model)
+    run.evaluator.bind(exp.model)
+    run.ledger = open_ledger(folder, exp, run.server, resume)
+    folder.trim_metrics(run.ledger.rounds)
+    if run.ledger.rounds == 0 and exp.config.eval.before and not any(r["round"] == 0 for r in folder.metrics()):
+        folder.append_metrics({"round": 0, **evaluate(exp, generation=True, events=run.events)})
+    return run.ledger
 
 
-def finish_round(exp: Experiment, folder: RunFolder, ledger: Ledger, server: Algorithm, client: Algorithm, update: Any,
-                 result: RoundResult, started: float, events: Events, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def finish_round(run: Run, update: Any, result: RoundResult, started: float,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Commit the update, evaluate when due, write the metrics row, then the ledger; returns the row.
 
     The ledger write is the round's commit point: a run killed before it has a
@@ -242,33 +270,36 @@ def finish_round(exp: Experiment, folder: RunFolder, ledger: Ledger, server: Alg
     run killed after it has everything. ``started`` is the round's
     ``time.perf_counter()`` start; ``extra`` adds a runner's own columns to the row.
     """
-    server.commit(update)
+    exp = run.exp
+    run.server.commit(update)
     row = {**result.row(), **(extra or {})}
     final = update.round == exp.config.federation.rounds
     if update.round % exp.config.eval.every == 0 or final:
-        sync_to_latest(exp, server, client)
-        row.update(evaluate(exp, generation=final, events=events))
+        sync_to_latest(run)
+        row.update(evaluate(exp, generation=final, events=run.events))
     row["seconds"] = time.perf_counter() - started
-    folder.append_metrics(row)
-    ledger.append(update)
-    events.round_end(row)
+    run.folder.append_metrics(row)
+    run.ledger.append(update)
+    run.events.round_end(row)
     return row
 
 
 def simulate(exp: Experiment, folder: RunFolder, resume: bool = False, stop_after: int | None = None,
-             events: Events | None = None) -> Ledger:
+             events: Events | None = None, uplink: Callable[[int], Uplink] | None = None) -> Ledger:
     """Run, or continue, the federated training of ``exp.config``; returns the ledger.
 
     ``stop_after`` ends the run after that round, as an interruption would.
+    ``uplink`` gives each client's way of sending its reply (default: what
+    ``[faults]`` installs, honest for every client when it names no adversary).
     """
-    events = events or Events()
     cfg = exp.config
-    server, client = exp.algorithm(), exp.algorithm()
-    ledger = begin(exp, folder, server, client, resume, events)
+    run = Run(exp, folder, exp.algorithm(), exp.algorithm(), events or Events())
+    uplink = uplink or uplinks(cfg.faults, cfg.run.seed)
+    ledger = begin(run, resume)
     last = cfg.federation.rounds if stop_after is None else min(stop_after, cfg.federation.rounds)
     for round in range(ledger.rounds + 1, last + 1):
         t0 = time.perf_counter()
-        update, result = run_round(exp, server, client, round, events)
-        finish_round(exp, folder, ledger, server, client, update, result, t0, events)
-    sync_to_latest(exp, server, client)
+        update, result = run_round(run, round, uplink)
+        finish_round(run, update, result, t0)
+    sync_to_latest(run)
     return ledger

@@ -129,7 +129,7 @@ class _Handler(socketserver.BaseRequestHandler):
             request = wire.decode(_receive(sock), WorkRequest)
         except (wire.WireError, ConnectionError, struct.error):
             return
-        _send(sock, wire.encode(self.server.serve(request)))
+        _send(sock, wire.encode(self.server.answer(request)))
 
 
 class WorkerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -160,7 +160,7 @@ class WorkerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
         return uid == os.getuid()
 
-    def serve(self, request: WorkRequest) -> WorkReply:
+    def answer(self, request: WorkRequest) -> WorkReply:
         from fedseed.runners.flower_config import node_settings
         from fedseed.runners.flower_records import Instruction
 
