@@ -201,7 +201,7 @@ def test_rejected_replies_leave_the_server_unchanged(base, tmp_path) -> None:
     with pytest.raises(wire.WireError, match="non-finite"):
         wire.encode(bad["NaN"])
     frame = bytearray(wire.encode(good))
-    end = wire.layout(good)["delta"][1]
+    end = wire.layout(good)["delta"][2]
     frame[end - 4 : end] = np.float32(np.nan).tobytes()  # the last delta value, forged on the wire
     with pytest.raises(wire.WireError, match="DenseReply.delta: non-finite value at index 260031"):
         wire.decode(bytes(frame), DenseReply)

@@ -34,6 +34,16 @@ def test_round_trip_is_exact():
         assert wire.encode(back) == data
 
 
+def test_frame_size_is_the_encoded_size_without_building_the_message():
+    from fedseed.algorithms.dense import DenseReply
+
+    reply = DenseReply(1, 2, 3, 4, 0, 0.5, np.zeros(1000, np.float32), 7)
+    assert wire.frame_size(DenseReply, delta=1000) == len(wire.encode(reply))
+    assert [wire.uint_width(v) for v in (0, 255, 256, 65535, 65536, 2**32 - 1, 2**32)] == [1, 1, 2, 2, 4, 4, 8]
+    with pytest.raises(ValueError, match="float arrays only"):
+        wire.frame_size(SeedReply, seed_ids=3)
+
+
 def test_integer_arrays_take_the_narrowest_width():
     small = wire.encode(_reply(seed_ids=np.array([1, 2, 255]), values=np.zeros(3, np.float32)))
     wide = wire.encode(_reply(seed_ids=np.array([1, 2, 256]), values=np.zeros(3, np.float32)))
@@ -74,12 +84,14 @@ def test_nan_and_inf_are_rejected_both_ways():
     spans = wire.layout(_reply())
     data = bytearray(wire.encode(_reply()))
     nan = struct.pack("<f", float("nan"))
-    end = spans["values"][1]
+    end = spans["values"][2]
     data[end - 4 : end] = nan  # last value
     with pytest.raises(wire.WireError, match=r"SeedReply.values: non-finite value at index 2"):
         wire.decode(bytes(data), SeedReply)
     loss_at = spans["loss"][0]
-    assert loss_at == 4 + 5 * 4
+    assert loss_at == 4 + 5 * 4 and spans["loss"][1] == loss_at  # a scalar's payload starts at the field
+    start, payload, end = spans["seed_ids"]
+    assert payload == start + 5 and end == payload + 6  # u32 count, u8 width, three 2-byte ids (900 > 255)
     data = bytearray(wire.encode(_reply()))
     data[loss_at : loss_at + 4] = nan
     with pytest.raises(wire.WireError, match="SeedReply.loss"):

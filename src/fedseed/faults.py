@@ -138,7 +138,7 @@ def _with_nan(reply: Any, frame: bytes) -> bytes:
     """``frame`` with a NaN written over the first reported value (or the loss): the encoder refuses to write one."""
     spans = wire.layout(reply)
     filled = [n for n in _payload(reply) if getattr(reply, n).size]
-    at = spans[filled[0]][0] + 4 if filled else spans["loss"][0]  # past the array's u32 count
+    at = spans[filled[0] if filled else "loss"][1]  # the first value
     return frame[:at] + struct.pack("<f", float("nan")) + frame[at + 4 :]
 
 

@@ -102,14 +102,48 @@ def encode(msg: Any) -> bytes:
     return b"".join(out)
 
 
-def layout(msg: Any) -> dict[str, tuple[int, int]]:
-    """The byte span ``[start, end)`` of each field in ``encode(msg)``: where a test or a fault injector must look."""
-    spans, pos = {}, 4
+HEADER_BYTES = 4  # b"FS" | version u8 | tag u8
+
+
+def uint_width(top: int) -> int:
+    """Bytes per element of a ``uint[]`` whose largest value is ``top``: the narrowest of 1, 2, 4, 8 that holds it."""
+    return next(w for w in (1, 2, 4, 8) if top < 1 << (8 * w))
+
+
+def _prefix(kind: str) -> int:
+    """Bytes before a field's payload: a length or count (and a uint[]'s width byte)."""
+    return 0 if kind in _SCALARS else 5 if kind == "uint[]" else 4
+
+
+def layout(msg: Any) -> dict[str, tuple[int, int, int]]:
+    """``(start, payload start, end)`` of each field in ``encode(msg)``: where a test or a fault injector must look.
+
+    The payload starts after a field's length or count (and a ``uint[]``'s width byte).
+    """
+    spans, pos = {}, HEADER_BYTES
     for name, kind in _FIELDS[type(msg)]:
         size = len(_encode_field(kind, getattr(msg, name)))
-        spans[name] = (pos, pos + size)
+        spans[name] = (pos, pos + _prefix(kind), pos + size)
         pos += size
     return spans
+
+
+def frame_size(cls: type, **counts: int) -> int:
+    """Encoded size of a ``cls`` whose float arrays hold ``counts[name]`` values (and whose other fields are empty).
+
+    For cost formulas that must not build a message the size of a model.
+    """
+    size = HEADER_BYTES
+    for name, kind in _FIELDS[cls]:
+        if kind in _SCALARS:
+            size += struct.calcsize(_SCALARS[kind])
+        elif kind in _FLOAT_ARRAYS:
+            size += _prefix(kind) + _FLOAT_ARRAYS[kind].itemsize * counts.get(name, 0)
+        else:
+            if counts.get(name):
+                raise ValueError(f"frame_size counts float arrays only, not {cls.__name__}.{name} ({kind})")
+            size += _prefix(kind)
+    return size
 
 
 def fields(cls: type) -> tuple[tuple[str, str], ...]:
@@ -135,8 +169,7 @@ def _encode_field(kind: str, value: Any) -> bytes:
     if kind == "uint[]":
         if arr.size and (arr.dtype.kind not in "ui" or arr.min() < 0):
             raise ValueError("uint[] needs non-negative integers")
-        top = int(arr.max()) if arr.size else 0
-        width = next(w for w in (1, 2, 4, 8) if top < 1 << (8 * w))
+        width = uint_width(int(arr.max()) if arr.size else 0)
         return struct.pack("<IB", arr.size, width) + arr.astype(_UINT_WIDTHS[width]).tobytes()
     raise TypeError(f"unknown wire kind {kind}")
 

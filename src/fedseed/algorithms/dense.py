@@ -30,24 +30,9 @@ import torch
 from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, require
 from fedseed.algorithms.robust import RobustSection, capped_weights, clip_norms, clip_values, combine, whole_rows
 from fedseed.models import DIRTY, LocalModel
+from fedseed import wire
 from fedseed.wire import F32, F32Array, U32, U64, message
 
-FRAME_HEADER = 4  # b"FS" | version | tag
-
-
-def task_bytes(numel: int) -> int:
-    """Encoded size of a :class:`DenseTask`: header, round, client, then the f32[] (count + values)."""
-    return FRAME_HEADER + 4 + 4 + 4 + 4 * numel
-
-
-def reply_bytes(numel: int) -> int:
-    """Encoded size of a :class:`DenseReply`: header, six 4-byte scalars, the f32[] delta, the u64 fingerprint."""
-    return FRAME_HEADER + 6 * 4 + 4 + 4 * numel + 8
-
-
-def update_bytes(numel: int) -> int:
-    """Encoded size of a :class:`DenseUpdate` (one ledger record's frame): header, round, f32[] delta."""
-    return FRAME_HEADER + 4 + 4 + 4 * numel
 
 
 @message(40)
@@ -86,6 +71,21 @@ class DenseUpdate:
 
     round: U32
     delta: F32Array  # (numel,) added to the global weights in float32
+
+
+def task_bytes(numel: int) -> int:
+    """Encoded size of a :class:`DenseTask`: the whole model in float32."""
+    return wire.frame_size(DenseTask, weights=numel)
+
+
+def reply_bytes(numel: int) -> int:
+    """Encoded size of a :class:`DenseReply`: the whole delta in float32."""
+    return wire.frame_size(DenseReply, delta=numel)
+
+
+def update_bytes(numel: int) -> int:
+    """Encoded size of a :class:`DenseUpdate` (one ledger record's frame)."""
+    return wire.frame_size(DenseUpdate, delta=numel)
 
 
 def flatten(tensors: Sequence[torch.Tensor]) -> np.ndarray:

@@ -30,7 +30,7 @@ from fedseed.algorithms.robust import Contribution, RobustSection, capped_weight
 from fedseed.directions import DISTRIBUTIONS, derive_seed
 from fedseed.settings import ConfigError, check_choices, require_positive, setting
 from fedseed.models import DIRTY, LocalModel
-from fedseed.wire import F32, F32Array, F64Array, U8, U32, U64, UIntArray, message
+from fedseed.wire import F32, F32Array, F64Array, U8, U32, U64, UIntArray, message, uint_width
 
 POOL_TAG = 0x5EED
 STEP_TAG = 0x57E9
@@ -253,8 +253,7 @@ class FedKSeed(Algorithm):
         seed_ids, values = np.asarray(ids, dtype=np.int64), np.asarray(gs, dtype=np.float64)
         if not self.config.pro:
             uniq, sums = per_seed_sums(seed_ids, values)
-            width = next(w for w in (1, 2, 4, 8) if k - 1 < 1 << (8 * w))
-            if 4 * k < uniq.size * (width + 4):
+            if 4 * k < uniq.size * (uint_width(k - 1) + 4):  # K sums take fewer bytes than the pairs
                 dense = np.bincount(seed_ids, weights=values, minlength=k)
                 return SeedReply(task.round, task.client, num_examples, steps, skipped, loss, 1,
                                  np.zeros(0, np.int64), dense.astype(np.float32), fingerprint)
