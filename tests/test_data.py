@@ -142,7 +142,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path: Path) -> None:
     good = json.dumps({"instruction": "a", "context": "", "response": "b", "category": "c"})
     path = tmp_path / "bad.jsonl"
     path.write_text(f"{good}\n{good}\n{{not json\n")
-    with pytest.raises(DataError, match=rf"bad\.jsonl:3: not valid JSON"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: not valid JSON"):
         load_dolly(path)
     path.write_text(f"{good}\n" + json.dumps({"instruction": "a", "context": ""}) + "\n")
     with pytest.raises(DataError, match=r"bad\.jsonl:2: missing field `response`"):

@@ -9,7 +9,6 @@ with ``lr = 0`` ends its round bitwise where it started.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ import torch
 from conftest import STORIES
 from fedseed.algorithms.fedkseed import FedKSeed, FedKSeedConfig
 from fedseed.algorithms.zeroth_order import MIN_POINT_BYTES, Perturbation, hook_points
-from fedseed.base_weights import BaseWeights, BaseWeightsError
+from fedseed.base_weights import BaseWeightsError
 from fedseed.models import LocalModel, load_model
 
 

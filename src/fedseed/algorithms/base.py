@@ -18,12 +18,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
 
 from fedseed.algorithms.robust import RULES, RobustSection
 from fedseed.models import LocalModel
+from fedseed.wire import F32, U32
 
 Batch = dict[str, torch.Tensor]
 
@@ -44,6 +46,27 @@ def make_optimizer(params: Sequence[torch.Tensor], name: str, lr: float, weight_
     """A fresh optimiser each round, as a stateless client has: SGD (momentum 0), Adam or AdamW."""
     kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     return kinds[name](params, lr=lr, weight_decay=weight_decay)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What every method's reply starts with: who answers which round, and how its local training went.
+
+    A method's reply subclasses this, adds what it reports and ends with
+    ``fingerprint: U64 = 0`` (:meth:`Algorithm.fingerprint` of the copy synced for
+    the task; 0: check off); the wire order is this class's fields, then its own.
+    """
+
+    round: U32
+    client: U32
+    num_examples: U32  # the client's training examples: its aggregation weight
+    steps: U32  # local steps attempted; ``skipped`` of them met a non-finite loss or gradient
+    skipped: U32
+    loss: F32  # mean training loss over the kept steps
+
+    def validate(self) -> None:
+        if self.skipped > self.steps:
+            raise ValueError(f"skipped {self.skipped} > steps {self.steps}")
 
 
 class InvalidReply(ValueError):

@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, require
+from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, Reply, require
 from fedseed.algorithms.robust import RobustSection, capped_weights, clip_norms, clip_values, combine, whole_rows
 from fedseed.models import DIRTY, LocalModel
 from fedseed import wire
-from fedseed.wire import F32, F32Array, U32, U64, message
+from fedseed.wire import F32Array, U32, U64, message
 
 
 
@@ -47,21 +47,11 @@ class DenseTask:
 
 @message(41)
 @dataclass(frozen=True)
-class DenseReply:
+class DenseReply(Reply):
     """Client -> server: how local training moved the weights."""
 
-    round: U32
-    client: U32
-    num_examples: U32  # the client's training examples: its aggregation weight
-    steps: U32  # local steps attempted; ``skipped`` of them had a non-finite loss or gradient
-    skipped: U32
-    loss: F32  # mean training loss over the kept steps
     delta: F32Array  # (numel,) w_end - w_start, same layout as the task's weights
-    fingerprint: U64 = 0  # Algorithm.fingerprint of the copy synced for the task (0: check off)
-
-    def validate(self) -> None:
-        if self.skipped > self.steps:
-            raise ValueError(f"skipped {self.skipped} > steps {self.steps}")
+    fingerprint: U64 = 0
 
 
 @message(42)

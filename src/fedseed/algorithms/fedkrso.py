@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedseed.algorithms.base import OPTIMIZERS, Algorithm, Batches, InvalidReply, make_optimizer, require
+from fedseed.algorithms.base import OPTIMIZERS, Algorithm, Batches, InvalidReply, Reply, make_optimizer, require
 from fedseed.algorithms.robust import Contribution, RobustSection, capped_weights, clip_norms, clip_values, combine
 from fedseed.directions import derive_seed, random_matrix
 from fedseed.models import DIRTY, LocalModel, checkpointed_layers
 from fedseed.settings import check_choices, require_positive, setting
-from fedseed.wire import F32, F32Array, U32, U64, UIntArray, message
+from fedseed.wire import F32Array, U32, U64, UIntArray, message
 
 POOL_TAG = 0xC750
 STEP_TAG = 0xC751
@@ -100,22 +100,15 @@ class SubspaceTask:
 
 @message(31)
 @dataclass(frozen=True)
-class SubspaceReply:
+class SubspaceReply(Reply):
     """Client -> server: for each seed used, the summed accumulators ``B_k`` of every matrix."""
 
-    round: U32
-    client: U32
-    num_examples: U32  # the client's training examples: its aggregation weight
-    steps: U32  # local steps attempted; ``skipped`` of them met a non-finite loss or gradient
-    skipped: U32
-    loss: F32  # mean training loss over the kept steps
     seed_ids: UIntArray  # (u,) pool indices used, ascending
     values: F32Array  # (u * S,) per seed: B_k of every matrix, (m, r) row-major, in layout order
-    fingerprint: U64 = 0  # Algorithm.fingerprint of the copy synced for the task (0: check off)
+    fingerprint: U64 = 0
 
     def validate(self) -> None:
-        if self.skipped > self.steps:
-            raise ValueError(f"skipped {self.skipped} > steps {self.steps}")
+        super().validate()
         if self.seed_ids.size == 0:
             raise ValueError("a reply names at least one seed")
         _check_per_seed(self.seed_ids, self.values)

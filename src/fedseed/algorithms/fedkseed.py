@@ -24,13 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, require
+from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, Reply, require
 from fedseed.algorithms.zeroth_order import Perturbation
 from fedseed.algorithms.robust import Contribution, RobustSection, capped_weights, clip_norms, clip_values, combine
 from fedseed.directions import DISTRIBUTIONS, derive_seed
 from fedseed.settings import ConfigError, check_choices, require_positive, setting
 from fedseed.models import DIRTY, LocalModel
-from fedseed.wire import F32, F32Array, F64Array, U8, U32, U64, UIntArray, message, uint_width
+from fedseed.wire import F32Array, F64Array, U8, U32, U64, UIntArray, message, uint_width
 
 POOL_TAG = 0x5EED
 STEP_TAG = 0x57E9
@@ -79,19 +79,13 @@ class SeedTask:
 
 @message(11)
 @dataclass(frozen=True)
-class SeedReply:
-    """Client -> server: the scalar of every local step, as pairs or as K per-seed sums."""
+class SeedReply(Reply):
+    """Client -> server: the scalar of every local step, as pairs or as K per-seed sums (loss: mean of (L+ + L-) / 2)."""
 
-    round: U32
-    client: U32
-    num_examples: U32  # the client's training examples: its aggregation weight
-    steps: U32  # steps attempted; ``skipped`` of them had a non-finite loss
-    skipped: U32
-    loss: F32  # mean of (L+ + L-) / 2 over the kept steps
     dense: U8  # 0: values[i] is the g of seed_ids[i]; 1: values[k] is the sum of g on seed k
     seed_ids: UIntArray
     values: F32Array
-    fingerprint: U64 = 0  # Algorithm.fingerprint of the copy synced for the task (0: check off)
+    fingerprint: U64 = 0
 
     def validate(self) -> None:
         if self.dense not in (0, 1):
@@ -100,8 +94,7 @@ class SeedReply:
             raise ValueError("a dense reply carries no seed_ids")
         if not self.dense and self.seed_ids.size != self.values.size:
             raise ValueError(f"{self.seed_ids.size} seed_ids but {self.values.size} values")
-        if self.skipped > self.steps:
-            raise ValueError(f"skipped {self.skipped} > steps {self.steps}")
+        super().validate()
 
 
 @message(12)

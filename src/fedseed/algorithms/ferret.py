@@ -42,13 +42,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedseed.algorithms.base import OPTIMIZERS, Algorithm, Batches, InvalidReply, make_optimizer, require
+from fedseed.algorithms.base import OPTIMIZERS, Algorithm, Batches, InvalidReply, Reply, make_optimizer, require
 from fedseed.algorithms.robust import RobustSection, capped_weights, clip_norms, clip_values, whole_rows
 from fedseed.base_weights import BaseWeights, consecutive_groups, snapshot
 from fedseed.directions import DISTRIBUTIONS, DirectionSpace, derive_seed
 from fedseed.models import DIRTY, LocalModel, checkpointed_layers
 from fedseed.settings import ConfigError, check_choices, require_positive, setting
-from fedseed.wire import F32, F32Array, F64Array, U32, U64, UIntArray, message
+from fedseed.wire import F32Array, F64Array, U32, U64, UIntArray, message
 
 SEED_TAG = 0xFE77  # the per-client-per-round seed
 BLOCK_FRACTION = 0.9  # official code: a block holds up to 0.9 x the median tensor size
@@ -122,23 +122,16 @@ class FerretTask:
 
 @message(21)
 @dataclass(frozen=True)
-class FerretReply:
+class FerretReply(Reply):
     """Client -> server: one seed, the bases per block, and the coordinates of the local update."""
 
-    round: U32
-    client: U32
-    num_examples: U32  # the client's training examples: its aggregation weight
-    steps: U32  # optimizer steps attempted; ``skipped`` of them met a non-finite loss or gradient
-    skipped: U32
-    loss: F32  # mean training loss over the kept batches
     seed: U64  # the fresh seed of this client and round (< 2^63)
     bases: UIntArray  # (L,) K_l per block, summing to num_bases
     coords: F32Array  # (num_bases,) gamma_l of every block, in block order
-    fingerprint: U64 = 0  # Algorithm.fingerprint of the copy synced for the task (0: check off)
+    fingerprint: U64 = 0
 
     def validate(self) -> None:
-        if self.skipped > self.steps:
-            raise ValueError(f"skipped {self.skipped} > steps {self.steps}")
+        super().validate()
         _check_coordinates(self.bases, self.coords, 1)
 
 
