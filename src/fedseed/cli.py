@@ -162,8 +162,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from fedseed.compare import compare, to_markdown
 
+    from fedseed.algorithms import METHODS
+
     console = Console()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
     result = compare(args.config, methods, args.set, console=console)
     console.print(to_markdown(result["methods"]))
     console.print(f"plots: {', '.join(result['plots'])}")
@@ -238,8 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(fn=cmd_export)
     cmp = sub.add_parser("compare", help="run several methods on the identical partition and evaluation split")
     cmp.add_argument("config", help="base experiment TOML; [methods.<name>] tables override the presets")
-    cmp.add_argument("--methods", default="fedkseed,fedkseed-pro,ferret,fedkrso,fedavg,fedit,fedzo",
-                     help="comma-separated method names")
+    cmp.add_argument("--methods", default=None, help="comma-separated method names (default: every method)")
     cmp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a base value")
     cmp.set_defaults(fn=cmd_compare)
     part = sub.add_parser("partition", help="write each client's share of CONFIG's data set as a file of its own "

@@ -2,7 +2,7 @@
 
 One base config fixes the model, data, partition, federation and evaluation; each
 method brings only its ``[algorithm]`` table, from ``[methods.<name>]`` in the
-config or else from :data:`PRESETS`. Each method runs in its own run folder
+config or else from the method's own ``compare`` setting. Each method runs in its own run folder
 under ``<output_dir>/<name>``; the table (Markdown + JSON) and plots land in
 ``<output_dir>``.
 """
@@ -20,33 +20,10 @@ from fedseed.config import ConfigError, load_config, read_toml
 from fedseed.memory import peak_extra_bytes, resident_bytes
 from fedseed.report import build_report, human_bytes
 
-# Hyperparameters per method for the small real models here (stories260K, MiniLM).
-# Where a paper gives a value for billion-parameter models it is noted; learning
-# rates were tuned on the quickstart scale because step sizes do not transfer
-# from 1B parameters to 260K.
-PRESETS: dict[str, dict[str, Any]] = {
-    # paper (1.3B/3B): K=4096, tau=200, lr=3e-7, eps=5e-4. Here: K=1024 as in the
-    # FedKSeed README examples; lr and eps tuned on stories260K; tau halved for time.
-    "fedkseed": {"num_seeds": 1024, "local_steps": 100, "lr": 5e-5, "eps": 1e-3},
-    "fedkseed-pro": {"num_seeds": 1024, "local_steps": 100, "lr": 5e-5, "eps": 1e-3},
-    # paper: local lr 1e-4 with SGD, server lr 3 (Dolly), 40 batches in steps of 4.
-    # Here: lr 3e-3 (1e-4 barely moves a 260K model in a few rounds), K=1024 tuned.
-    "ferret": {"num_bases": 1024, "local_steps": 10, "grad_accum": 4, "lr": 3e-3, "server_lr": 3.0},
-    # the paper fixes only E[P^T P] = I; K, r, interval and lr tuned here
-    "fedkrso": {"num_seeds": 8, "rank": 4, "interval": 10, "local_steps": 20, "lr": 2e-3},
-    # no paper value at this scale; AdamW steps and lr tuned here
-    "fedavg": {"local_steps": 10, "lr": 1e-3, "optimizer": "adamw"},
-    # LoRA r=8, alpha=16 on q_proj/v_proj (FedIT's usual setting); lr tuned here
-    "fedit": {"local_steps": 10, "lr": 1e-2, "rank": 8, "alpha": 16.0},
-    # FedKSeed's zeroth-order settings with fresh seeds and dense uploads
-    "fedzo": {"local_steps": 100, "lr": 5e-5, "eps": 1e-3},
-}
-
-
 def method_table(name: str, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r} in --methods; known: {', '.join(METHODS)}")
-    return {"name": name, **PRESETS.get(name, {}), **overrides.get(name, {})}
+    return {"name": name, **METHODS[name][2].compare, **overrides.get(name, {})}
 
 
 def read_compare_config(path: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

@@ -90,6 +90,7 @@ class Algorithm(ABC):
     Reply: ClassVar[type]
     Update: ClassVar[type]
     rules: ClassVar[tuple[str, ...]] = RULES  # the robust.rule values this method's updates can be combined by
+    compare: ClassVar[dict[str, Any]] = {}  # [algorithm] values `fedseed compare` runs it with (tuned on stories260K)
 
     def __init__(self, config: Any, seed: int, robust: RobustSection | None = None):
         """Everything a method needs, at construction: its config, the run seed and the server's defences."""

@@ -28,6 +28,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -245,6 +246,9 @@ class Subspace:
 
 class FedKRSO(Algorithm):
     """FedKRSO: subspace-accumulator training over a fixed pool of K projection seeds."""
+
+    # fedseed compare's setting: the paper fixes only E[P^T P] = I; K, r, interval and lr tuned here.
+    compare: ClassVar[dict[str, Any]] = {"num_seeds": 8, "rank": 4, "interval": 10, "local_steps": 20, "lr": 2e-3}
 
     name = "fedkrso"
     Task, Reply, Update = SubspaceTask, SubspaceReply, SubspaceUpdate

@@ -16,6 +16,7 @@ trick saves in bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -46,6 +47,9 @@ class FedZOConfig:
 
 class FedZO(DenseAlgorithm):
     """FedZO: the dense-delta protocol around zeroth-order local steps."""
+
+    # fedseed compare's setting: FedKSeed's zeroth-order settings with fresh seeds and dense uploads.
+    compare: ClassVar[dict[str, Any]] = {"local_steps": 100, "lr": 5e-5, "eps": 1e-3}
 
     name = "fedzo"
 
