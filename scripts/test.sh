@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+.venv/bin/python -m mypy          # src/fedseed, as configured in pyproject.toml: must be clean
 exec .venv/bin/python -m pytest -q "$@"

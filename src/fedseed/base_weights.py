@@ -61,11 +61,10 @@ def _model_files(folder: str | None) -> dict[str, Path]:
     """Every tensor key of the model folder's safetensors files, and its file (empty when there is no folder)."""
     if not folder:
         return {}
-    path = Path(folder).expanduser()
-    if not path.is_dir():
-        path = _hub_snapshot(folder)
-        if path is None:
-            return {}
+    local = Path(folder).expanduser()
+    path = local if local.is_dir() else _hub_snapshot(folder)
+    if path is None:
+        return {}
     from safetensors import safe_open
 
     keys: dict[str, Path] = {}

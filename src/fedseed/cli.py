@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseed.config import ConfigError, load_config
+from fedseed.events import Events
 
 
 @contextmanager
@@ -41,7 +42,7 @@ def _progress():
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
 
-class RichEvents:
+class RichEvents(Events):
     """Draws the runner's progress: a bar for rounds, one for the clients of the round, one line per round."""
 
     def __init__(self, console, progress, rounds: int, done: int):
@@ -107,7 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     exp = prepare(cfg)
     if not args.resume:
-        folder.create(cfg, exp.data.partition.to_json(), overwrite=args.overwrite)
+        folder.create(cfg, exp.data.partition.to_json() if exp.data.partition else None, overwrite=args.overwrite)
     done = len([r for r in folder.metrics() if r["round"] > 0])
     with _progress() as progress, _log_to(progress.console):
         ledger = simulate(exp, folder, resume=bool(args.resume), events=RichEvents(console, progress, cfg.federation.rounds, done))
@@ -148,9 +149,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     rebuilt = rebuild(args.run_dir)
     out = Path(args.out_dir)
-    module = rebuilt.algorithm.export(rebuilt.model)
+    module: Any = rebuilt.algorithm.export(rebuilt.model)
     module.save_pretrained(out, safe_serialization=True)
-    rebuilt.tokenizer.save_pretrained(out)
+    tokenizer: Any = rebuilt.tokenizer
+    tokenizer.save_pretrained(out)
     _readable_as_umask_allows(out)
     print(f"wrote round {rebuilt.algorithm.committed} of {args.run_dir} to {out} (safetensors); "
           f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
@@ -195,6 +197,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
     from fedseed.runfolder import toml_value
 
     def table(name: str, cls: type, hidden: tuple[str, ...] = (), first: str = "") -> None:
+        defaults = cls()
         doc = (cls.__doc__ or "").strip().splitlines()
         print(f"[{name}]" + (f"  # {doc[0]}" if doc and not doc[0].startswith(f"{cls.__name__}(") else ""))
         if first:
@@ -202,7 +205,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
         for f in dataclasses.fields(cls):
             if f.name in hidden:
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = getattr(defaults, f.name)
             choices = f.metadata.get("choices")
             note = f.metadata.get("help", "") + (f" ({' | '.join(choices)})" if choices else "")
             print(f"{f.name} = {toml_value(default)}  # {note}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ def client_peak_bytes(config: dict[str, Any]) -> int:
     return peak
 
 
-def compare(config_path: str | Path, methods: list[str], overrides: list[str] = (), console=None) -> dict[str, Any]:
+def compare(config_path: str | Path, methods: list[str], overrides: Sequence[str] = (), console=None) -> dict[str, Any]:
     from fedseed.experiment import prepare
     from fedseed.runfolder import RunFolder
     from fedseed.runners.simulation import simulate
@@ -81,7 +82,7 @@ def compare(config_path: str | Path, methods: list[str], overrides: list[str] = 
         t0 = time.perf_counter()
         exp = prepare(cfg)
         folder = RunFolder(cfg.run.output_dir)
-        folder.create(cfg, exp.data.partition.to_json(), overwrite=True)
+        folder.create(cfg, exp.data.partition.to_json() if exp.data.partition else None, overwrite=True)
         ledger = simulate(exp, folder)
         rep = build_report(folder, ledger.header.algorithm, exp.model.numel, folder.ledger_path.stat().st_size, {})
         rows.append(_row(name, table, rep, folder.metrics(), time.perf_counter() - t0, peak))

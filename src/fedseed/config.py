@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
 
 
-def load_config(source: str | Path | dict[str, Any], overrides: list[str] = ()) -> Config:
+def load_config(source: str | Path | dict[str, Any], overrides: Sequence[str] = ()) -> Config:
     """Read a TOML file (or an already-parsed dict), apply overrides, validate everything."""
     if isinstance(source, dict):
         raw = {k: dict(v) if isinstance(v, dict) else v for k, v in source.items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 
@@ -48,7 +49,7 @@ def generate(module: torch.nn.Module, tokenizer, examples: Sequence[TokenizedExa
         for row, p in enumerate(prompts):
             ids[row, width - len(p) :] = torch.tensor(p)
             mask[row, width - len(p) :] = 1
-        out = module.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+        out = cast(Any, module).generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                               do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         if progress:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,7 +81,7 @@ class Data:
 
     partition: Partition | None  # None on a deployed node or server: nobody partitions
     clients: dict[int, list[TokenizedExample]]  # client -> its training examples (a node holds only its own)
-    heldout: list[TokenizedExample]  # shuffled once with the run seed; evaluation takes prefixes (empty: none)
+    heldout: list[Any]  # TokenizedExample (ClassifiedExample for classification), shuffled once with the run seed; evaluation takes prefixes (empty: none)
     references: list[str]  # target text of each held-out example
     train_stats: TruncationStats
     heldout_stats: TruncationStats
@@ -228,7 +229,7 @@ class Experiment:
 
     config: Config
     model: LocalModel
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer
     data: Data
     base_hash: str
 

@@ -57,7 +57,7 @@ def _read_records(data: bytes, path: Path) -> tuple[list[bytes], int, str | None
     """Split the file into frames; returns (frames, end of the last good one, problem)."""
     if not data.startswith(MAGIC):
         raise LedgerError(f"{path} is not a fedseed ledger (missing the {MAGIC!r} header)")
-    pos, frames = len(MAGIC), []
+    pos, frames = len(MAGIC), list[bytes]()
     while pos < len(data):
         if pos + 8 > len(data):
             return frames, pos, f"torn record header at byte {pos}"
@@ -118,7 +118,7 @@ class Ledger:
         return len(frame)
 
     def decoded(self, update_type: type) -> list[Any]:
-        out = []
+        out: list[Any] = []
         for i, frame in enumerate(self.updates, start=1):
             try:
                 out.append(wire.decode(frame, update_type))

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ def load_model(name_or_path: str, *, task: str = "causal-lm", dtype: str = "floa
                 f"model folder {folder} not found or has no config.json; set `model.name_or_path` to a "
                 "Hugging Face model folder (config.json + weights) or a Hub id such as 'openlm-research/open_llama_3b'"
             )
-    kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         if task == "classification":

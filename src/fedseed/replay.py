@@ -7,6 +7,7 @@ two hooks a live round uses, so a rebuilt model equals the live one bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def replay(algo: Algorithm, ledger: Ledger, model: LocalModel) -> None:
     algo.sync(model, wire.decode(wire.encode(task), algo.Task))
 
 
-def rebuild(run_dir: str | Path, overrides: list[str] = ()) -> Rebuilt:
+def rebuild(run_dir: str | Path, overrides: Sequence[str] = ()) -> Rebuilt:
     """Load the run's base model, check it is the one the ledger was built on, replay the ledger."""
     folder = RunFolder(run_dir)
     ledger = Ledger.open(folder.ledger_path)

@@ -27,8 +27,8 @@ def human_bytes(n: float) -> str:
 def build_report(folder: RunFolder, algorithm: str, numel: int, ledger_bytes: int, extra: dict[str, Any]) -> dict[str, Any]:
     rows = folder.metrics()
     rounds = [r for r in rows if r["round"] > 0]
-    before = next((r for r in rows if r["round"] == 0), {})
-    after = next((r for r in reversed(rounds) if "eval_loss" in r), {})
+    before: dict[str, Any] = next((r for r in rows if r["round"] == 0), {})
+    after: dict[str, Any] = next((r for r in reversed(rounds) if "eval_loss" in r), {})
     up = sum(r["uplink_total"] for r in rounds)
     down = sum(r["downlink_total"] for r in rounds)
     transfers = sum(len(r["clients"]) for r in rounds)

@@ -57,8 +57,8 @@ F32Array = Annotated[np.ndarray, Kind("f32[]")]
 F64Array = Annotated[np.ndarray, Kind("f64[]")]
 
 _SCALARS = {"u8": "<B", "u32": "<I", "u64": "<Q", "f32": "<f", "f64": "<d"}
-_FLOAT_ARRAYS = {"f32[]": np.dtype("<f4"), "f64[]": np.dtype("<f8")}
-_UINT_WIDTHS = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+_FLOAT_ARRAYS: dict[str, np.dtype] = {"f32[]": np.dtype("<f4"), "f64[]": np.dtype("<f8")}
+_UINT_WIDTHS: dict[int, np.dtype] = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 
 M = TypeVar("M")
 _REGISTRY: dict[int, type] = {}
@@ -75,7 +75,7 @@ def message(tag: int):
             raise ValueError(f"wire tag {tag} already used by {_REGISTRY[tag].__name__}")
         hints = typing.get_type_hints(cls, include_extras=True)
         fields = []
-        for f in dataclasses.fields(cls):
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
             meta = [m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, Kind)]
             if not meta:
                 raise TypeError(f"{cls.__name__}.{f.name} needs a wire kind annotation (U32, F32Array, ...)")
@@ -239,8 +239,7 @@ def _decode_field(kind: str, buf: memoryview, pos: int) -> tuple[Any, int]:
             raise WireError("integer above 2^63 - 1")
         return raw.astype(np.int64), pos + 1 + count * width
     dtype = _FLOAT_ARRAYS[kind]
-    raw = _take(buf, pos, count * dtype.itemsize)
-    arr = np.frombuffer(raw, dtype=dtype).copy()
+    arr = np.frombuffer(_take(buf, pos, count * dtype.itemsize), dtype=dtype).copy()
     if not np.isfinite(arr).all():
         bad = int(np.flatnonzero(~np.isfinite(arr))[0])
         raise WireError(f"non-finite value at index {bad}")

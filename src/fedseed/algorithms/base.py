@@ -85,7 +85,7 @@ class Algorithm(ABC):
     Subclasses set the three wire message types and fill in the hooks.
     """
 
-    name: ClassVar[str]
+    name: str
     Task: ClassVar[type]
     Reply: ClassVar[type]
     Update: ClassVar[type]

@@ -59,7 +59,7 @@ class FedITConfig(FedAvgConfig):
         return [n.strip() for n in self.target_modules.split(",") if n.strip()]
 
 
-def lora_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+def lora_layers(module: torch.nn.Module) -> dict[str, Any]:
     """The module's LoRA layers by qualified name (empty before injection)."""
     from peft.tuners.lora import LoraLayer  # peft takes seconds to import: only FedIT pays for it
 

@@ -184,7 +184,7 @@ def _linear_hook(b: torch.Tensor, p: torch.Tensor) -> Callable:
 
 def _embedding_hook(b: torch.Tensor, p: torch.Tensor) -> Callable:
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(args[0], b, padding_idx=module.padding_idx)  # (..., r) = B[ids]
+        rows = F.embedding(args[0], b, padding_idx=getattr(module, "padding_idx", None))  # (..., r) = B[ids]
         return out.add_((rows @ p).to(out.dtype))  # (..., n) += B[ids] P; embedding saves no output
 
     return hook

@@ -409,7 +409,7 @@ def _fused_sgd_steps(model: LocalModel, batches: Batches, cfg: FerretConfig) -> 
     @torch.no_grad()
     def step(name: str, p: torch.Tensor) -> None:
         grad, p.grad = p.grad, None
-        if bool(torch.isfinite(grad).all()):
+        if grad is not None and bool(torch.isfinite(grad).all()):
             p.add_(grad, alpha=-cfg.lr)
         else:
             broken.append(name)

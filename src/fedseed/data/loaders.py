@@ -363,7 +363,7 @@ def load_sst2(path: PathLike) -> list[Example]:
     ``uid`` is ``"sst2-<file stem>-<row index>"``.
     """
     file = _existing_file(path)
-    examples = []
+    examples: list[Example] = []
     for lineno, line in enumerate(_read_text(file).split("\n"), start=1):
         line = line.rstrip("\r")
         if not line.strip() or (lineno == 1 and line.strip() == _SST2_HEADER):
@@ -486,7 +486,7 @@ def load_from_hub(dataset: str, name: str, split: str) -> list[Example]:
     _check_split(split)
     _check_dataset(dataset)
     try:
-        import datasets  # type: ignore[import-not-found]
+        import datasets
     except ImportError as exc:
         raise DataError(
             f"`path` = 'hub:{name}' needs the `datasets` package, which is not "

@@ -101,9 +101,10 @@ class DirectionSpace:
     def __init__(
         self,
         named_tensors: Sequence[tuple[str, torch.Tensor]],
-        distribution: Distribution = "rademacher",
-        precision: Precision = "nearest",
+        distribution: Distribution | str = "rademacher",
+        precision: Precision | str = "nearest",
     ):
+        """A config's words arrive as ``str``: they are checked here."""
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"`distribution` must be one of {DISTRIBUTIONS}, got {distribution!r}")
         if precision not in PRECISIONS:
@@ -141,7 +142,8 @@ class DirectionSpace:
             raise ValueError(f"`base` has {len(base)} tensors, the space binds {len(self.tensors)}")
         if seeds_u64.size == 0 and base is None:
             return
-        cuda_rows, cpu_rows = [], []
+        cuda_rows: list[int] = []
+        cpu_rows: list[int] = []
         for j, t in enumerate(self.tensors):
             if base is not None and base[j].numel() != t.numel():
                 raise ValueError(f"`base[{j}]` has {base[j].numel()} elements, {self.names[j]!r} has {t.numel()}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from decimal import Decimal, localcontext
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def _series(x: Decimal, first: Decimal, start: int) -> Decimal:
     return total
 
 
-def _build() -> dict[str, object]:
+def _build() -> dict[str, Any]:
     with localcontext() as ctx:
         ctx.prec = 80
         ln2 = Decimal(2).ln()

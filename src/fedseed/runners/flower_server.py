@@ -170,16 +170,22 @@ class Roster:
         try:
             presence = read_presence(msg)
         except RecordError as e:
-            return self.ignore(node_id, str(e))
-        if presence.client >= self.num_clients:
-            return self.ignore(node_id, f"its partition-id {presence.client} is not a client of this run "
-                                        f"(federation.num_clients = {self.num_clients})")
-        refused = self.pins.claim(presence.client, node_id) if self.pins else None
+            self.ignore(node_id, str(e))
+            return None
+        refused = self.refusal(presence.client, node_id)
         if refused:
-            return self.ignore(node_id, refused)
+            self.ignore(node_id, refused)
+            return None
         node = Node(node_id, presence.client, presence.position)
         self.clients[presence.client] = node
         return node
+
+    def refusal(self, client: int, node_id: int) -> str | None:
+        """Why ``node_id`` may not serve ``client`` (None: it may, and now holds the pin when pins are kept)."""
+        if client >= self.num_clients:
+            return (f"its partition-id {client} is not a client of this run "
+                    f"(federation.num_clients = {self.num_clients})")
+        return self.pins.claim(client, node_id) if self.pins else None
 
     def ignore(self, node_id: int, why: str) -> None:
         self.ignored[node_id] = why

@@ -46,7 +46,7 @@ METRICS = ("train_loss", "uplink_total", "downlink_total", "skipped_steps")
 
 
 def _metrics(row: dict[str, Any]) -> MetricRecord:
-    out = {key: float(row[key]) for key in METRICS if key in row}
+    out: dict[str, Any] = {key: float(row[key]) for key in METRICS if key in row}
     out["accepted"] = float(len(row.get("accepted", [])))
     return MetricRecord(out)
 
@@ -80,7 +80,7 @@ class FedSeedStrategy(Strategy):
         for round in session.rounds():
             row = session.train(grid, round)
             result.train_metrics_clientapp[round] = _metrics(row)
-            evaluated = {k: float(v) for k, v in row.items() if k in ("eval_loss", "rouge_l", "accuracy")}
+            evaluated: dict[str, Any] = {k: float(v) for k, v in row.items() if k in ("eval_loss", "rouge_l", "accuracy")}
             if evaluated:
                 result.evaluate_metrics_serverapp[round] = MetricRecord(evaluated)
         print(session.report(), flush=True)

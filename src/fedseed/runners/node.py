@@ -131,7 +131,7 @@ class Node:
             raise RecordError(f"this node is client {node.client} (node-config partition-id), "
                               f"the instruction is for client {order.client}")
         cfg, _ = from_run_config(run_config, node.overrides)
-        task = wire.decode(order.frame, task_type(cfg))  # every field validated before anything touches a model
+        task: Any = wire.decode(order.frame, task_type(cfg))  # every field validated before anything touches a model
         if (task.round, task.client) != (order.round, order.client):
             raise RecordError(f"the task is for round {task.round} client {task.client}, its record says round "
                               f"{order.round} client {order.client}")

@@ -23,6 +23,7 @@ from typing import Any
 from fedseed import eval as evaluation
 from fedseed import wire
 from fedseed.algorithms import EVALUATOR, Algorithm, InvalidReply
+from fedseed.events import Events
 from fedseed.experiment import Experiment, sample_clients
 from fedseed.faults import HONEST, Uplink, uplinks
 from fedseed.ledger import FORMAT, Ledger, LedgerError, LedgerHeader, canonical_json
@@ -31,15 +32,6 @@ from fedseed.runfolder import RunFolder
 
 log = logging.getLogger("fedseed")
 
-
-class Events:
-    """Progress hooks; the runner calls them, the CLI draws them. The default draws nothing."""
-
-    def round_start(self, round: int, clients: list[int]) -> None: ...
-    def client_done(self, round: int, client: int) -> None: ...
-    def round_end(self, row: dict[str, Any]) -> None: ...
-    def phase(self, text: str, total: int = 0) -> None: ...
-    def advance(self, n: int = 1) -> None: ...
 
 
 @dataclass
@@ -279,6 +271,7 @@ def finish_round(run: Run, update: Any, result: RoundResult, started: float,
         row.update(evaluate(exp, generation=final, events=run.events))
     row["seconds"] = time.perf_counter() - started
     run.folder.append_metrics(row)
+    assert run.ledger is not None, "begin() opens the ledger before any round"
     run.ledger.append(update)
     run.events.round_end(row)
     return row

@@ -1,0 +1,16 @@
+"""Progress hooks: the runners call them, the CLI draws them. The default draws nothing.
+
+Kept apart from the runners so the CLI can subclass them without importing torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Events:
+    def round_start(self, round: int, clients: list[int]) -> None: ...
+    def client_done(self, round: int, client: int) -> None: ...
+    def round_end(self, row: dict[str, Any]) -> None: ...
+    def phase(self, text: str, total: int = 0) -> None: ...
+    def advance(self, n: int = 1) -> None: ...
