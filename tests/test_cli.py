@@ -127,3 +127,22 @@ def test_settings_prints_every_key_with_its_help_as_a_config(capsys):
     assert main(["settings", "--method", "fedkseed-pro"]) == 0
     assert "\npro = " not in capsys.readouterr().out  # fixed by the method name
     assert main(["settings", "--method", "sgd"]) == 2
+
+
+def test_metrics_are_tensorboard_scalars_too(cli_run):
+    """tensorboard's own reader finds every number of metrics.jsonl at its round."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fedseed.event_file import crc32c
+
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    _, run = cli_run
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert "eval_loss" in events.Tags()["scalars"] and "uplink_total" in events.Tags()["scalars"]
+    for tag in ("eval_loss", "train_loss", "uplink_total"):
+        logged = {e.step: e.value for e in events.Scalars(tag)}
+        expected = {r["round"]: r[tag] for r in rows if tag in r}
+        assert logged.keys() == expected.keys(), tag
+        assert all(logged[k] == pytest.approx(v, rel=1e-6) for k, v in expected.items()), tag

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseed.config import Config
+from fedseed.event_file import EventFile
 from fedseed.ledger import write_atomically
 
 
@@ -43,8 +44,11 @@ def toml_value(v: Any) -> str:
 
 
 class RunFolder:
+    """A run's folder: config.toml, partition.json, ledger.bin, metrics.jsonl (also as TensorBoard scalars), reports."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._events: EventFile | None = None  # opened with the first row this process writes
 
     @property
     def ledger_path(self) -> Path:
@@ -66,17 +70,21 @@ class RunFolder:
                 "choose another `run.output_dir`, or pass --overwrite"
             )
         self.path.mkdir(parents=True, exist_ok=True)
-        for stale in (self.metrics_path, self.ledger_path):
+        for stale in (self.metrics_path, self.ledger_path, *self.path.glob("events.out.tfevents.*")):
             stale.unlink(missing_ok=True)
         self.config_path.write_text(to_toml(config.to_dict()))
         if partition is not None:
             (self.path / "partition.json").write_text(json.dumps(partition))
 
     def append_metrics(self, row: dict[str, Any]) -> None:
+        """One row into metrics.jsonl (the record), and its numbers into this process's TensorBoard event file."""
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self._events is None:
+            self._events = EventFile(self.path)
+        self._events.scalars(int(row["round"]), row)
 
     def metrics(self) -> list[dict[str, Any]]:
         """Every whole row; a line cut short by a crash mid-write is not a row."""
