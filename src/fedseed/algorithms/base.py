@@ -16,18 +16,22 @@ the evaluator, a late client and ``fedseed export`` all get the same weights.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import numpy as np
 
 import torch
 
-from fedseed.algorithms.robust import RULES, RobustSection
+from fedseed.algorithms.robust import RULES, RobustSection, capped_weights
 from fedseed.models import LocalModel
 from fedseed.wire import F32, U32
 
 Batch = dict[str, torch.Tensor]
+R = TypeVar("R", bound="BaseReply")
 
 
 class Batches(Protocol):
@@ -49,7 +53,7 @@ def make_optimizer(params: Sequence[torch.Tensor], name: str, lr: float, weight_
 
 
 @dataclass(frozen=True)
-class Reply:
+class BaseReply:
     """What every method's reply starts with: who answers which round, and how its local training went.
 
     A method's reply subclasses this, adds what it reports and ends with
@@ -126,6 +130,22 @@ class Algorithm(ABC):
         """Local training from the synced model; return the reply."""
 
     # -- shared ------------------------------------------------------------------
+    def check_reply(self, reply: BaseReply, task: Any, max_steps: int) -> None:
+        """What every reply must satisfy before a method's own checks: it answers ``task``, its counts fit."""
+        require(reply.round == task.round, f"`round` is {reply.round}, the task was for round {task.round}")
+        require(reply.client == task.client, f"`client` is {reply.client}, the task was sent to {task.client}")
+        require(reply.num_examples > 0, "`num_examples` must be > 0")
+        require(reply.steps <= max_steps, f"`steps` {reply.steps} > local_steps {max_steps}")
+        require(reply.skipped <= reply.steps, f"`skipped` {reply.skipped} > steps {reply.steps}")
+        require(math.isfinite(reply.loss), f"`loss` is {reply.loss}, not finite")
+
+    def weighted(self, round: int, replies: Sequence[R]) -> tuple[list[R], np.ndarray]:
+        """The replies in client order (arrival order must not change the bits) and their capped example weights."""
+        if not replies:
+            raise InvalidReply(f"round {round}: no replies to aggregate")
+        ordered = sorted(replies, key=lambda r: r.client)
+        return ordered, capped_weights([r.num_examples for r in ordered], self.robust.max_weight)
+
     def expect_next(self, update: Any) -> None:
         """Updates are committed in round order, each exactly once."""
         if update.round != self.committed + 1:

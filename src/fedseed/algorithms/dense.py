@@ -18,7 +18,6 @@ This module knows nothing of optimisers, adapters or directions.
 
 from __future__ import annotations
 
-import math
 from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, Reply, require
-from fedseed.algorithms.robust import RobustSection, capped_weights, clip_norms, clip_values, combine, whole_rows
+from fedseed.algorithms.base import Algorithm, Batches, BaseReply, require
+from fedseed.algorithms.robust import RobustSection, clip_norms, clip_values, combine, whole_rows
 from fedseed.models import DIRTY, LocalModel
 from fedseed import wire
 from fedseed.wire import F32Array, U32, U64, message
@@ -47,7 +46,7 @@ class DenseTask:
 
 @message(41)
 @dataclass(frozen=True)
-class DenseReply(Reply):
+class DenseReply(BaseReply):
     """Client -> server: how local training moved the weights."""
 
     delta: F32Array  # (numel,) w_end - w_start, same layout as the task's weights
@@ -145,21 +144,13 @@ class DenseAlgorithm(Algorithm):
 
     def check(self, reply: DenseReply, task: DenseTask) -> None:
         numel = self._global().size
-        require(reply.round == task.round, f"`round` is {reply.round}, the task was for round {task.round}")
-        require(reply.client == task.client, f"`client` is {reply.client}, the task was sent to {task.client}")
-        require(reply.num_examples > 0, "`num_examples` must be > 0")
-        require(reply.steps <= self.max_steps, f"`steps` {reply.steps} > local_steps {self.max_steps}")
-        require(reply.skipped <= reply.steps, f"`skipped` {reply.skipped} > steps {reply.steps}")
-        require(math.isfinite(reply.loss), f"`loss` is {reply.loss}, not finite")
+        self.check_reply(reply, task, self.max_steps)
         require(reply.delta.size == numel, f"`delta` has {reply.delta.size} values, the model has {numel}")
         require(bool(np.isfinite(reply.delta).all()), "`delta` holds non-finite values")
 
     def aggregate(self, round: int, replies: Sequence[DenseReply]) -> DenseUpdate:
-        if not replies:
-            raise InvalidReply(f"round {round}: no replies to aggregate")
         rob = self.robust
-        ordered = sorted(replies, key=lambda r: r.client)  # arrival order must not change the bits
-        weights = capped_weights([r.num_examples for r in ordered], rob.max_weight)
+        ordered, weights = self.weighted(round, replies)
         deltas = whole_rows(clip_values([r.delta for r in ordered], rob.value_clip))
         _, rows = combine(clip_norms(deltas, rob.norm_clip), weights, rob.rule, rob.trim)
         return DenseUpdate(round, rows[0].astype(np.float32))

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedseed.algorithms.base import OPTIMIZERS, Algorithm, Batches, InvalidReply, Reply, make_optimizer, require
-from fedseed.algorithms.robust import Contribution, RobustSection, capped_weights, clip_norms, clip_values, combine
+from fedseed.algorithms.base import OPTIMIZERS, Algorithm, Batches, BaseReply, make_optimizer, require
+from fedseed.algorithms.robust import Contribution, RobustSection, clip_norms, clip_values, combine
 from fedseed.directions import derive_seed, random_matrix
 from fedseed.models import DIRTY, LocalModel, checkpointed_layers
 from fedseed.settings import check_choices, require_positive, setting
@@ -101,7 +101,7 @@ class SubspaceTask:
 
 @message(31)
 @dataclass(frozen=True)
-class SubspaceReply(Reply):
+class SubspaceReply(BaseReply):
     """Client -> server: for each seed used, the summed accumulators ``B_k`` of every matrix."""
 
     seed_ids: UIntArray  # (u,) pool indices used, ascending
@@ -283,12 +283,7 @@ class FedKRSO(Algorithm):
 
     def check(self, reply: SubspaceReply, task: SubspaceTask) -> None:
         cfg, chunk = self.config, self._bound_chunk()
-        require(reply.round == task.round, f"`round` is {reply.round}, the task was for round {task.round}")
-        require(reply.client == task.client, f"`client` is {reply.client}, the task was sent to {task.client}")
-        require(reply.num_examples > 0, "`num_examples` must be > 0")
-        require(reply.steps <= cfg.local_steps, f"`steps` {reply.steps} > local_steps {cfg.local_steps}")
-        require(reply.skipped <= reply.steps, f"`skipped` {reply.skipped} > steps {reply.steps}")
-        require(math.isfinite(reply.loss), f"`loss` is {reply.loss}, not finite")
+        self.check_reply(reply, task, cfg.local_steps)
         most = min(cfg.num_seeds, cfg.intervals)
         used = reply.seed_ids.size
         require(used <= most, f"`seed_ids` names {used} seeds, at most {most} fit a round")
@@ -301,11 +296,8 @@ class FedKRSO(Algorithm):
 
     def aggregate(self, round: int, replies: Sequence[SubspaceReply]) -> SubspaceUpdate:
         """Per seed, the accumulators of the clients that used it, through the robust pipeline."""
-        if not replies:
-            raise InvalidReply(f"round {round}: no replies to aggregate")
         chunk, rob = self._bound_chunk(), self.robust
-        ordered = sorted(replies, key=lambda r: r.client)  # arrival order must not change the bits
-        weights = capped_weights([r.num_examples for r in ordered], rob.max_weight)
+        ordered, weights = self.weighted(round, replies)
         values = clip_values([r.values for r in ordered], rob.value_clip)
         contributions = [Contribution(r.seed_ids, v.reshape(r.seed_ids.size, chunk)) for r, v in zip(ordered, values)]
         ids, rows = combine(clip_norms(contributions, rob.norm_clip), weights, rob.rule, rob.trim)

@@ -25,9 +25,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fedseed.algorithms.base import Algorithm, Batches, InvalidReply, Reply, require
+from fedseed.algorithms.base import Algorithm, Batches, BaseReply, require
 from fedseed.algorithms.zeroth_order import Perturbation
-from fedseed.algorithms.robust import Contribution, RobustSection, capped_weights, clip_norms, clip_values, combine
+from fedseed.algorithms.robust import Contribution, RobustSection, clip_norms, clip_values, combine
 from fedseed.directions import DISTRIBUTIONS, derive_seed
 from fedseed.settings import ConfigError, check_choices, require_positive, setting
 from fedseed.models import DIRTY, LocalModel
@@ -80,7 +80,7 @@ class SeedTask:
 
 @message(11)
 @dataclass(frozen=True)
-class SeedReply(Reply):
+class SeedReply(BaseReply):
     """Client -> server: the scalar of every local step, as pairs or as K per-seed sums (loss: mean of (L+ + L-) / 2)."""
 
     dense: U8  # 0: values[i] is the g of seed_ids[i]; 1: values[k] is the sum of g on seed k
@@ -162,10 +162,7 @@ class FedKSeed(Algorithm):
 
     def check(self, reply: SeedReply, task: SeedTask) -> None:
         k = self.config.num_seeds
-        require(reply.round == task.round, f"`round` is {reply.round}, the task was for round {task.round}")
-        require(reply.client == task.client, f"`client` is {reply.client}, the task was sent to {task.client}")
-        require(reply.num_examples > 0, "`num_examples` must be > 0")
-        require(reply.steps <= self.config.local_steps, f"`steps` {reply.steps} > local_steps {self.config.local_steps}")
+        self.check_reply(reply, task, self.config.local_steps)
         if reply.dense:
             require(not self.config.pro, "FedKSeed-Pro needs per-step pairs, got a dense reply")
             require(reply.values.size == k, f"dense `values` has {reply.values.size} entries, the pool has {k}")
@@ -176,11 +173,8 @@ class FedKSeed(Algorithm):
 
     def aggregate(self, round: int, replies: Sequence[SeedReply]) -> SeedUpdate:
         """Per-seed sums of g, through the robust pipeline (``fedseed.algorithms.robust``), times ``-lr``."""
-        if not replies:
-            raise InvalidReply(f"round {round}: no replies to aggregate")
         k, cfg, rob = self.config.num_seeds, self.config, self.robust
-        ordered = sorted(replies, key=lambda r: r.client)  # arrival order must not matter
-        weights = capped_weights([r.num_examples for r in ordered], rob.max_weight)
+        ordered, weights = self.weighted(round, replies)
         abs_g = np.zeros(k, dtype=np.float64)
         counts = np.zeros(k, dtype=np.int64)
         contributions = []

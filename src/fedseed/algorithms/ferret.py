@@ -43,8 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedseed.algorithms.base import OPTIMIZERS, Algorithm, Batches, InvalidReply, Reply, make_optimizer, require
-from fedseed.algorithms.robust import RobustSection, capped_weights, clip_norms, clip_values, whole_rows
+from fedseed.algorithms.base import OPTIMIZERS, Algorithm, Batches, BaseReply, make_optimizer, require
+from fedseed.algorithms.robust import RobustSection, clip_norms, clip_values, whole_rows
 from fedseed.base_weights import BaseWeights, consecutive_groups, snapshot
 from fedseed.directions import DISTRIBUTIONS, DirectionSpace, derive_seed
 from fedseed.models import DIRTY, LocalModel, checkpointed_layers
@@ -123,7 +123,7 @@ class FerretTask:
 
 @message(21)
 @dataclass(frozen=True)
-class FerretReply(Reply):
+class FerretReply(BaseReply):
     """Client -> server: one seed, the bases per block, and the coordinates of the local update."""
 
     seed: U64  # the fresh seed of this client and round (< 2^63)
@@ -276,12 +276,7 @@ class Ferret(Algorithm):
 
     def check(self, reply: FerretReply, task: FerretTask) -> None:
         cfg, num_blocks = self.config, self._num_blocks()
-        require(reply.round == task.round, f"`round` is {reply.round}, the task was for round {task.round}")
-        require(reply.client == task.client, f"`client` is {reply.client}, the task was sent to {task.client}")
-        require(reply.num_examples > 0, "`num_examples` must be > 0")
-        require(reply.steps <= cfg.local_steps, f"`steps` {reply.steps} > local_steps {cfg.local_steps}")
-        require(reply.skipped <= reply.steps, f"`skipped` {reply.skipped} > steps {reply.steps}")
-        require(math.isfinite(reply.loss), f"`loss` is {reply.loss}, not finite")
+        self.check_reply(reply, task, cfg.local_steps)
         expected = client_seed(self.seed, reply.round, reply.client)
         require(reply.seed == expected, f"`seed` is {reply.seed}, this client's seed for the round is {expected}")
         require(reply.bases.size == num_blocks, f"`bases` has {reply.bases.size} blocks, the model has {num_blocks}")
@@ -293,11 +288,8 @@ class Ferret(Algorithm):
 
     def aggregate(self, round: int, replies: Sequence[FerretReply]) -> FerretUpdate:
         """Every client's coordinates, clipped, with its (capped) weight: each client has bases of its own."""
-        if not replies:
-            raise InvalidReply(f"round {round}: no replies to aggregate")
         rob = self.robust
-        ordered = sorted(replies, key=lambda r: r.client)  # arrival order must not change the bits
-        weights = capped_weights([r.num_examples for r in ordered], rob.max_weight)
+        ordered, weights = self.weighted(round, replies)
         coords = whole_rows(clip_values([r.coords for r in ordered], rob.value_clip))
         return FerretUpdate(
             round,
