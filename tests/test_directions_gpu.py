@@ -32,9 +32,8 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available() and HAS_TRITON
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and Triton")
 DISTS = ("rademacher", "gaussian")
-MODES = [(torch.float32, "nearest"), (torch.bfloat16, "nearest"), (torch.bfloat16, "master"),
-         (torch.bfloat16, "stochastic"), (torch.float16, "nearest"), (torch.float16, "master"),
-         (torch.float16, "stochastic")]
+MODES = [(torch.float32, "nearest"), (torch.bfloat16, "nearest"), (torch.bfloat16, "stochastic"),
+         (torch.float16, "nearest"), (torch.float16, "stochastic")]
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -127,15 +126,18 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             b = [(n, x.clone()) for n, x in a]
             base = [torch.randn(x.shape, generator=gen) for _, x in a]
             sa, sb = DirectionSpace(a, dist, precision), DirectionSpace(b, dist, precision)
-            if precision == "master":  # what add_ does before it picks a backend; here the backend is called directly
-                sb._make_masters()
             rows = list(range(len(b)))
             sa.add_(seeds, coeffs)
-            cuda.add_directions(sb, rows, seeds, coeffs, None)
+            cuda.add_directions(sb, rows, seeds, coeffs, seeds.size, None, None)
             sa.add_(seeds[:1], coeffs[:1], base=base)
-            cuda.add_directions(sb, rows, seeds[:1], coeffs[:1], base)
+            cuda.add_directions(sb, rows, seeds[:1], coeffs[:1], 1, base, None)
             assert all(t._same_bits(x, y) for (_, x), (_, y) in zip(a, b)), (dist, dtype, precision)
-            assert all(ma is None and mb is None or torch.equal(ma, mb) for ma, mb in zip(sa.masters, sb.masters))
+            out_a = [torch.empty_like(x) for _, x in a]
+            out_b = [torch.empty_like(x) for _, x in b]
+            sa.perturb_into(out_a, seeds[1:], coeffs[1:], update=(seeds[:1], coeffs[:1]))  # update w, perturb a copy
+            cuda.add_directions(sb, rows, seeds, coeffs, 1, None, out_b)
+            assert all(t._same_bits(x, y) for (_, x), (_, y) in zip(a, b)), ("update", dist, dtype, precision)
+            assert all(t._same_bits(x, y) for x, y in zip(out_a, out_b)), ("perturbed", dist, dtype, precision)
         d = [(f"d{i}", torch.randn(s, generator=gen)) for i, s in enumerate(shapes)]
         space = DirectionSpace(d, dist)
         np.testing.assert_allclose(cuda.project(space, list(range(len(d))), seeds), space.project(seeds), rtol=1e-12)
@@ -194,8 +196,12 @@ def test_fused_cuda_results_equal_cpu_results(dist, dtype, precision):
             space.add_([s], [5e-4 - c])
     for (_, a), (_, b) in zip(host, dev):
         assert _same_bits(a, b)
-    for ma, mb in zip(sh.masters, sd.masters):
-        assert (ma is None and mb is None) or torch.equal(ma, mb.cpu())
+    out_h = [torch.empty_like(t) for _, t in host]
+    out_d = [torch.empty_like(t) for _, t in dev]
+    sh.perturb_into(out_h, seeds[:3], coeffs[:3], update=(seeds[3:5], coeffs[3:5]))
+    sd.perturb_into(out_d, seeds[:3], coeffs[:3], update=(seeds[3:5], coeffs[3:5]))
+    assert all(_same_bits(a, b) for a, b in zip(out_h, out_d))
+    assert all(_same_bits(a, b) for (_, a), (_, b) in zip(host, dev))
 
 
 @needs_cuda
