@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import tempfile
 from collections.abc import Iterator
@@ -83,6 +85,58 @@ def run_simulation(cfg: dict[str, Any], **kwargs):
         folder.create(config, exp.data.partition.to_json(), overwrite=True)
     ledger = simulate(exp, folder, **kwargs)
     return exp, folder, ledger
+
+
+def method_config(output_dir: Path, algorithm: dict[str, Any]):
+    """The validated 3-round, 5-client run the Ferret and FedKRSO tests share (2 clients a round)."""
+    from fedseed.config import load_config
+
+    return load_config({
+        "run": {"output_dir": str(output_dir), "seed": 7},
+        "model": {"name_or_path": str(STORIES)},
+        "data": {"path": str(DOLLY), "holdout": "summarization", "max_length": 384, "max_train_examples": 300},
+        "federation": {"num_clients": 5, "clients_per_round": 2, "rounds": 3},
+        "algorithm": algorithm,
+        "eval": {"loss_examples": 16, "generate_examples": 1, "max_new_tokens": 2},
+    })
+
+
+def method_run(output_dir: Path, algorithm: dict[str, Any]):
+    """:func:`method_config` run in process: (experiment, run folder, ledger)."""
+    return run_simulation(dataclasses.asdict(method_config(output_dir, algorithm)))
+
+
+def fresh_model():
+    """stories260K as loaded, wrapped: a party that has seen nothing yet."""
+    from fedseed.models import LocalModel, load_model
+
+    module, _ = load_model(str(STORIES))
+    return LocalModel.wrap(module)
+
+
+def replayed_server(exp, model, ledger, rounds: int):
+    """A server algorithm bound to ``model`` with the ledger's first ``rounds`` updates committed."""
+    algo = exp.algorithm()
+    algo.bind(model)
+    for update in ledger.decoded(algo.Update)[:rounds]:
+        algo.commit(update)
+    return algo
+
+
+def sync_over_wire(algo, model, round: int, since: int) -> None:
+    """Sync ``model`` to the global model through an encoded task, as a late client would."""
+    from fedseed import wire
+    from fedseed.algorithms import EVALUATOR
+
+    task = algo.task(round, EVALUATOR, since)
+    algo.sync(model, wire.decode(wire.encode(task), algo.Task))
+
+
+def assert_same_weights(a, b) -> None:
+    import torch
+
+    for (name, p), (_, q) in zip(a.trainable, b.trainable):
+        assert torch.equal(p, q), name
 
 
 @pytest.fixture(scope="session")

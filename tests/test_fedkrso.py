@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DOLLY as DOLLY_SAMPLE, STORIES
+from conftest import assert_same_weights, fresh_model, method_config, method_run, replayed_server, sync_over_wire
 from fedseed import wire
 from fedseed.algorithms import EVALUATOR, InvalidReply
 from fedseed.algorithms.fedkrso import (
@@ -25,62 +25,19 @@ from fedseed.algorithms.fedkrso import (
     matrices,
     projection,
 )
-from fedseed.config import ConfigError, load_config
-from fedseed.experiment import Experiment, prepare
+from fedseed.config import ConfigError
+from fedseed.experiment import Experiment
 from fedseed.ledger import Ledger
-from fedseed.models import LocalModel, load_model
 from fedseed.runfolder import RunFolder
-from fedseed.runners.simulation import simulate
 
-MODEL, DOLLY = STORIES, DOLLY_SAMPLE
-ROUNDS = 3
+ROUNDS = 3  # conftest.method_config's
 ALGORITHM = {"name": "fedkrso", "num_seeds": 4, "rank": 4, "interval": 3, "local_steps": 6, "lr": 2e-3}
 ROWS = 3512  # stories260K: embedding 512 + 5 layers x (64 + 32 + 32 + 64 + 172 + 172 + 64)
 
 
-def experiment_config(output_dir: Path, algorithm: dict) -> object:
-    return load_config({
-        "run": {"output_dir": str(output_dir), "seed": 7},
-        "model": {"name_or_path": str(MODEL)},
-        "data": {"path": str(DOLLY), "holdout": "summarization", "max_length": 384, "max_train_examples": 300},
-        "federation": {"num_clients": 5, "clients_per_round": 2, "rounds": ROUNDS},
-        "algorithm": algorithm,
-        "eval": {"loss_examples": 16, "generate_examples": 1, "max_new_tokens": 2},
-    })
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Experiment, RunFolder, Ledger]:
-    out = tmp_path_factory.mktemp("fedkrso")
-    cfg = experiment_config(out, ALGORITHM)
-    exp = prepare(cfg)
-    folder = RunFolder(out)
-    folder.create(cfg, exp.data.partition.to_json())
-    ledger = simulate(exp, folder)
-    return exp, folder, ledger
-
-
-def fresh_model() -> LocalModel:
-    module, _ = load_model(str(MODEL))
-    return LocalModel.wrap(module)
-
-
-def fresh_server(exp: Experiment, model: LocalModel, ledger: Ledger, rounds: int) -> FedKRSO:
-    algo = exp.algorithm()
-    algo.bind(model)
-    for update in ledger.decoded(FedKRSO.Update)[:rounds]:
-        algo.commit(update)
-    return algo
-
-
-def sync_over_wire(algo: FedKRSO, model: LocalModel, round: int, since: int) -> None:
-    task = algo.task(round, EVALUATOR, since)
-    algo.sync(model, wire.decode(wire.encode(task), FedKRSO.Task))
-
-
-def assert_same_weights(a: LocalModel, b: LocalModel) -> None:
-    for (name, p), (_, q) in zip(a.trainable, b.trainable):
-        assert torch.equal(p, q), name
+    return method_run(tmp_path_factory.mktemp("fedkrso"), ALGORITHM)
 
 
 # -- end to end --------------------------------------------------------------------------
@@ -117,7 +74,7 @@ def test_bytes_are_the_encoded_lengths_and_match_the_formula(run):
 def test_ledger_replay_rebuilds_the_live_model_bit_for_bit(run):
     exp, folder, _ = run
     model = fresh_model()
-    algo = fresh_server(exp, model, Ledger.open(folder.ledger_path), ROUNDS)
+    algo = replayed_server(exp, model, Ledger.open(folder.ledger_path), ROUNDS)
     sync_over_wire(algo, model, ROUNDS + 1, model.position)
     assert model.position == ROUNDS == exp.model.position
     assert_same_weights(model, exp.model)
@@ -128,9 +85,9 @@ def test_ledger_replay_rebuilds_the_live_model_bit_for_bit(run):
 def test_a_client_that_missed_rounds_catches_up(run):
     exp, _, ledger = run
     model = fresh_model()
-    sync_over_wire(fresh_server(exp, model, ledger, 1), model, 2, 0)  # took part in round 2 only, then left
+    sync_over_wire(replayed_server(exp, model, ledger, 1), model, 2, 0)  # took part in round 2 only, then left
     assert model.position == 1
-    algo = fresh_server(exp, model, ledger, ROUNDS)
+    algo = replayed_server(exp, model, ledger, ROUNDS)
     sync_over_wire(algo, model, ROUNDS + 1, model.position)
     assert_same_weights(model, exp.model)
     model.position = -1
@@ -141,8 +98,8 @@ def test_a_client_that_missed_rounds_catches_up(run):
 def test_each_round_moves_every_matrix_inside_the_span_of_its_projections(run):
     exp, _, ledger = run
     before, after = fresh_model(), fresh_model()
-    sync_over_wire(fresh_server(exp, before, ledger, ROUNDS - 1), before, ROUNDS, 0)
-    algo = fresh_server(exp, after, ledger, ROUNDS)
+    sync_over_wire(replayed_server(exp, before, ledger, ROUNDS - 1), before, ROUNDS, 0)
+    algo = replayed_server(exp, after, ledger, ROUNDS)
     sync_over_wire(algo, after, ROUNDS + 1, 0)
     used = ledger.decoded(FedKRSO.Update)[ROUNDS - 1].seed_ids.tolist()
     unused = sorted(set(range(ALGORITHM["num_seeds"])) - set(used))
@@ -256,8 +213,8 @@ def test_check_rejects_replies_that_do_not_fit(run):
 
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="algorithm.rank"):
-        experiment_config(Path("/tmp/unused"), {**ALGORITHM, "rank": 0})
+        method_config(Path("/tmp/unused"), {**ALGORITHM, "rank": 0})
     with pytest.raises(ConfigError, match="algorithm.optimizer"):
-        experiment_config(Path("/tmp/unused"), {**ALGORITHM, "optimizer": "lion"})
+        method_config(Path("/tmp/unused"), {**ALGORITHM, "optimizer": "lion"})
     with pytest.raises(ConfigError, match="algorithm.num_bases"):
-        experiment_config(Path("/tmp/unused"), {**ALGORITHM, "num_bases": 8})
+        method_config(Path("/tmp/unused"), {**ALGORITHM, "num_bases": 8})

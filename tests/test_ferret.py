@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DOLLY as DOLLY_SAMPLE, STORIES
+from conftest import assert_same_weights, fresh_model, method_config, method_run, replayed_server, sync_over_wire
 from fedseed import wire
 from fedseed.algorithms import EVALUATOR, InvalidReply
 from fedseed.algorithms.ferret import (
@@ -29,67 +29,20 @@ from fedseed.algorithms.ferret import (
     partition_blocks,
     second_moment,
 )
-from fedseed.config import ConfigError, load_config
+from fedseed.config import ConfigError
 from fedseed.directions import DirectionSpace
 from fedseed.directions.generator import values
-from fedseed.experiment import Experiment, prepare
+from fedseed.experiment import Experiment
 from fedseed.ledger import Ledger
-from fedseed.models import LocalModel, load_model
 from fedseed.runfolder import RunFolder
-from fedseed.runners.simulation import simulate
 
-MODEL, DOLLY = STORIES, DOLLY_SAMPLE
-ROUNDS = 3
+ROUNDS = 3  # conftest.method_config's
 ALGORITHM = {"name": "ferret", "num_bases": 1024, "local_steps": 3, "grad_accum": 2, "lr": 3e-3, "server_lr": 3.0}
-
-
-def experiment_config(output_dir: Path, algorithm: dict) -> object:
-    return load_config({
-        "run": {"output_dir": str(output_dir), "seed": 7},
-        "model": {"name_or_path": str(MODEL)},
-        "data": {"path": str(DOLLY), "holdout": "summarization", "max_length": 384, "max_train_examples": 300},
-        "federation": {"num_clients": 5, "clients_per_round": 2, "rounds": ROUNDS},
-        "algorithm": algorithm,
-        "eval": {"loss_examples": 16, "generate_examples": 1, "max_new_tokens": 2},
-    })
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Experiment, RunFolder, Ledger]:
-    out = tmp_path_factory.mktemp("ferret")
-    cfg = experiment_config(out, ALGORITHM)
-    exp = prepare(cfg)
-    folder = RunFolder(out)
-    folder.create(cfg, exp.data.partition.to_json())
-    ledger = simulate(exp, folder)
-    return exp, folder, ledger
-
-
-def fresh_model() -> LocalModel:
-    module, _ = load_model(str(MODEL))
-    return LocalModel.wrap(module)
-
-
-def fresh_server(exp: Experiment, model: LocalModel, ledger: Ledger, rounds: int) -> Ferret:
-    algo = exp.algorithm()
-    algo.bind(model)
-    for update in ledger.decoded(Ferret.Update)[:rounds]:
-        algo.commit(update)
-    return algo
-
-
-def sync_over_wire(algo: Ferret, model: LocalModel, round: int, since: int) -> None:
-    task = algo.task(round, EVALUATOR, since)
-    algo.sync(model, wire.decode(wire.encode(task), Ferret.Task))
-
-
-def assert_same_weights(a: LocalModel, b: LocalModel) -> None:
-    for (name, p), (_, q) in zip(a.trainable, b.trainable):
-        assert torch.equal(p, q), name
-
-
-def uint_width(top: int) -> int:
-    return next(w for w in (1, 2, 4, 8) if top < 1 << (8 * w))
+    return method_run(tmp_path_factory.mktemp("ferret"), ALGORITHM)
 
 
 # -- end to end --------------------------------------------------------------------------
@@ -113,15 +66,15 @@ def test_bytes_are_the_encoded_lengths_and_match_the_formula(run):
         bases = update.bases.reshape(len(clients), num_blocks)
         for c, per_block in zip(clients, bases):
             # reply = header 4 + six 4-byte scalars + seed 8 + uint[] (5 + L w) + f32[] (4 + 4K) + fingerprint 8
-            assert row["uplink_bytes"][str(c)] == 53 + num_blocks * uint_width(int(per_block.max())) + 4 * k
+            assert row["uplink_bytes"][str(c)] == 53 + num_blocks * wire.uint_width(int(per_block.max())) + 4 * k
             # the live copy is synced at every evaluation, so each task carries no round: 39 bytes
             assert row["downlink_bytes"][str(c)] == 39
-        n, w = len(clients), uint_width(int(update.bases.max()))
+        n, w = len(clients), wire.uint_width(int(update.bases.max()))
         assert len(frame) == 26 + 16 * n + n * num_blocks * w + 4 * n * k  # the ledger record's frame
     # a client that has nothing but the base model gets every round replayed
-    algo = fresh_server(exp, exp.model, ledger, ROUNDS)
+    algo = replayed_server(exp, exp.model, ledger, ROUNDS)
     total = sum(u.seeds.size for u in updates)
-    w = uint_width(max(int(u.bases.max()) for u in updates))
+    w = wire.uint_width(max(int(u.bases.max()) for u in updates))
     expected = 39 + ROUNDS * 1 + 16 * total + total * num_blocks * w + 4 * total * k
     assert len(wire.encode(algo.task(ROUNDS + 1, EVALUATOR, 0))) == expected
 
@@ -129,7 +82,7 @@ def test_bytes_are_the_encoded_lengths_and_match_the_formula(run):
 def test_ledger_replay_rebuilds_the_live_model_bit_for_bit(run):
     exp, folder, _ = run
     model = fresh_model()
-    algo = fresh_server(exp, model, Ledger.open(folder.ledger_path), ROUNDS)
+    algo = replayed_server(exp, model, Ledger.open(folder.ledger_path), ROUNDS)
     sync_over_wire(algo, model, ROUNDS + 1, model.position)
     assert model.position == ROUNDS == exp.model.position
     assert_same_weights(model, exp.model)
@@ -140,7 +93,7 @@ def test_ledger_replay_rebuilds_the_live_model_bit_for_bit(run):
 def test_a_client_that_missed_rounds_replays_them_and_catches_up(run):
     exp, _, ledger = run
     model = fresh_model()
-    algo = fresh_server(exp, model, ledger, ROUNDS)
+    algo = replayed_server(exp, model, ledger, ROUNDS)
     sync_over_wire(algo, model, 2, 0)  # took part in round 2 only, then left
     assert model.position == 1
     with pytest.raises(ValueError, match="position 1"):
@@ -154,7 +107,7 @@ def test_a_client_that_missed_rounds_replays_them_and_catches_up(run):
 def test_a_dirty_copy_is_rebuilt_from_the_base(run):
     exp, _, ledger = run
     model = fresh_model()
-    algo = fresh_server(exp, model, ledger, ROUNDS)
+    algo = replayed_server(exp, model, ledger, ROUNDS)
     with torch.no_grad():
         model.trainable[3][1].add_(1.0)
     model.position = -1  # changed locally, as after a crash mid-training
@@ -165,7 +118,7 @@ def test_a_dirty_copy_is_rebuilt_from_the_base(run):
 def test_training_restores_the_synced_weights_and_skips_non_finite_losses(run):
     exp, _, ledger = run
     model = fresh_model()
-    algo = fresh_server(exp, model, ledger, ROUNDS)
+    algo = replayed_server(exp, model, ledger, ROUNDS)
     task = algo.task(ROUNDS + 1, 0, 0)
     algo.sync(model, task)
     before = [p.detach().clone() for _, p in model.trainable]
@@ -280,9 +233,9 @@ def test_check_rejects_replies_that_do_not_fit(run):
 def test_config_errors_name_the_field(run):
     exp, _, _ = run
     with pytest.raises(ConfigError, match="algorithm.optimizer"):
-        experiment_config(Path("/tmp/unused"), {**ALGORITHM, "optimizer": "lion"})
+        method_config(Path("/tmp/unused"), {**ALGORITHM, "optimizer": "lion"})
     with pytest.raises(ConfigError, match="algorithm.eps"):
-        experiment_config(Path("/tmp/unused"), {**ALGORITHM, "eps": 1e-3})
+        method_config(Path("/tmp/unused"), {**ALGORITHM, "eps": 1e-3})
     with pytest.raises(ValueError, match="algorithm.num_bases"):
         Ferret(FerretConfig(num_bases=64), seed=0).bind(exp.model)  # 41 blocks need 82
 
