@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import small_config
 from fedseed.cli import main
 from fedseed.runfolder import to_toml
 
 
+@pytest.mark.slow
 def test_compare_writes_table_and_plots_on_the_same_partition(tmp_path):
     cfg = small_config(tmp_path / "cmp", federation={"rounds": 2})
     cfg["methods"] = {"fedkseed": {"local_steps": 10, "num_seeds": 64}, "fedavg": {"local_steps": 2}}

@@ -37,6 +37,8 @@ from conftest import REPO, run_simulation, small_config, torch_threads
 from fedseed.ledger import Ledger, LedgerError
 from fedseed.runfolder import RunFolder, to_toml
 
+pytestmark = pytest.mark.slow  # each test kills and restarts real processes
+
 FEDSEED = REPO / ".venv" / "bin" / "fedseed"
 QUICK_EVAL = {"every": 1000, "loss_examples": 8, "generate_examples": 2, "max_new_tokens": 4}
 

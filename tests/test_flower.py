@@ -218,6 +218,7 @@ def expected_frames(cfg: dict[str, Any], accepted: list[list[int]]) -> list[byte
     FERRET,
     {"name": "fedavg", "local_steps": 2, "lr": 1e-3},
 ], ids=lambda a: a["name"])
+@pytest.mark.slow
 def test_flower_gives_the_in_process_ledger_bit_for_bit(algorithm, tmp_path):
     cfg = config(tmp_path / "flower", algorithm, rounds=3 if algorithm["name"] == "ferret" else 2, evaluate=True)
     grid = flower_run(cfg, tmp_path)
@@ -244,6 +245,7 @@ def test_flower_gives_the_in_process_ledger_bit_for_bit(algorithm, tmp_path):
 # -- partial participation, failures, rejoining ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_silent_node_is_dropped_and_catches_up_when_back(tmp_path):
     cfg = config(tmp_path / "run", FERRET, rounds=4, per_round=3)
     rc = run_config(cfg, round_timeout=2.0)
@@ -258,6 +260,7 @@ def test_silent_node_is_dropped_and_catches_up_when_back(tmp_path):
     assert ledger_frames(tmp_path / "run") == expected_frames(cfg, [r["accepted"] for r in rows])
 
 
+@pytest.mark.slow
 def test_node_that_lost_its_cache_says_so_and_is_resent_the_task(tmp_path):
     cfg = config(tmp_path / "run", FERRET, rounds=3, per_round=3)
     rc = run_config(cfg)
@@ -278,6 +281,7 @@ def test_node_that_lost_its_cache_says_so_and_is_resent_the_task(tmp_path):
     assert ledger_frames(tmp_path / "run") == expected_frames(cfg, [[0, 1, 2]] * 3)
 
 
+@pytest.mark.slow
 def test_node_whose_cached_copy_drifted_is_resynced_from_the_ledger(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
@@ -307,6 +311,7 @@ def test_node_whose_cached_copy_drifted_is_resynced_from_the_ledger(tmp_path):
     assert ledger_frames(tmp_path / "run") == expected_frames(cfg, [[0, 1, 2]] * 3)
 
 
+@pytest.mark.slow
 def test_duplicated_and_replayed_replies_are_rejected_by_name(tmp_path):
     cfg = config(tmp_path / "run", FEDKSEED, rounds=2, per_round=3)
     grid = LoopbackGrid(nodes(3, tmp_path, run_config(cfg)))
@@ -337,6 +342,7 @@ def test_duplicated_and_replayed_replies_are_rejected_by_name(tmp_path):
     assert ledger_frames(tmp_path / "run") == expected_frames(cfg, [[0, 1, 2], [0]])
 
 
+@pytest.mark.slow
 def test_too_few_replies_stop_the_run_and_a_new_run_resumes_from_the_ledger(tmp_path):
     cfg = config(tmp_path / "run", FEDKSEED, rounds=2, per_round=3)
     rc = run_config(cfg, round_timeout=1.0, min_replies=2)
@@ -465,6 +471,7 @@ def own_data_nodes(cfg: dict[str, Any], root: Path, rc: dict[str, Any]) -> dict[
     return contexts
 
 
+@pytest.mark.slow
 def test_nodes_with_only_their_own_files_give_the_in_process_ledger(tmp_path):
     cfg = config(tmp_path / "flower", FEDKSEED, rounds=2, evaluate=True)
     rc = run_config(cfg)
@@ -524,6 +531,7 @@ def test_a_second_node_claiming_a_pinned_client_is_refused(tmp_path):
     assert "belongs to node 1000" in rows[-1]["refused_nodes"][str(intruder)]
 
 
+@pytest.mark.slow
 def test_rounds_sample_among_connected_clients_and_replace_a_vanished_one(tmp_path):
     cfg = small_config(tmp_path / "run", FEDKSEED, federation={"num_clients": 4, "clients_per_round": 2, "rounds": 3},
                        eval={"every": 1000, "before": False, "loss_examples": 4, "generate_examples": 1,
@@ -576,6 +584,7 @@ def start_worker(socket_path: Path, log: Path):
     raise AssertionError(f"no worker socket at {socket_path}: {log.read_text()}")
 
 
+@pytest.mark.slow
 def test_a_resident_worker_trains_and_a_killed_one_is_caught_up(tmp_path):
     """Node 0's rounds go to its worker; killed after round 1, the ClientApp works alone; restarted, it is resent."""
     import stat
@@ -620,6 +629,7 @@ def test_a_resident_worker_trains_and_a_killed_one_is_caught_up(tmp_path):
 # -- the Strategy a Flower user mounts ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_strategy_gives_the_in_process_ledger_in_its_own_loop_and_in_flowers(tmp_path):
     from flwr.app import ArrayRecord
     from flwr.serverapp.strategy import Strategy
