@@ -17,6 +17,7 @@ import pytest
 
 from conftest import run_simulation, small_config
 from fedseed import wire
+from fedseed.algorithms import METHODS
 from fedseed.algorithms.ferret import FerretReply
 from fedseed.algorithms.robust import Contribution, capped_weights, clip_norms, clip_values, combine
 from fedseed.config import ConfigError, load_config
@@ -203,3 +204,16 @@ def test_fingerprints_agree_between_copies_and_catch_a_change(tmp_path):
     name, p = b.trainable[0]
     b.trainable[0][1].data.view(-1)[:] = p.detach().view(-1) * (1 + 2**-20)  # a tiny drift of one tensor
     assert a.fingerprint(7, 3, 1024) != b.fingerprint(7, 3, 1024)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_registered_method_rejects_another_client_s_reply_by_name(tmp_path, method):
+    """Derived from the registry: a new method gets this without a line of fault code of its own."""
+    attack = "wrong-client"
+    algorithm = {"name": method, **METHODS[method][2].compare, "local_steps": 2}
+    _, folder, ledger = faulty(tmp_path, method, attack, algorithm)
+    rows = [r for r in folder.metrics() if r["round"] > 0]
+    assert len(rows) == 2 and len(ledger.updates) == 2
+    for row in rows:
+        assert row["accepted"] == [1, 2, 3], row["rejected"]
+        assert REJECTED[attack] in row["rejected"]["0"], row["rejected"]
