@@ -108,7 +108,8 @@ def in_process(cfg: dict[str, Any], root: Path) -> list[dict[str, Any]]:
     return rounds_of(Path(cfg["run"]["output_dir"]))
 
 
-def deployment(cfg: dict[str, Any], root: Path, worker: bool, env: dict[str, str] | None = None) -> dict[str, Any]:
+def deployment(cfg: dict[str, Any], root: Path, worker: bool, env: dict[str, str] | None = None,
+               round_timeout: float = 600.0) -> dict[str, Any]:
     """Start a SuperLink and one SuperNode per client (own data each), run, measure, stop everything."""
     from fedseed.config import load_config
     from fedseed.experiment import write_partition
@@ -120,7 +121,7 @@ def deployment(cfg: dict[str, Any], root: Path, worker: bool, env: dict[str, str
     out = Path(cfg["run"]["output_dir"])
     served = {**cfg, "data": {**cfg["data"], "path": str(root / "no-training-data-here"),
                               "eval_path": str(next(parts.glob("eval*")))},
-              "flower": {"round_timeout": 600.0, "startup_timeout": 120.0}}
+              "flower": {"round_timeout": round_timeout, "startup_timeout": 120.0}}
     (root / "run.toml").write_text(to_toml(served))
     port = free_port()
     nodes = cfg["federation"]["num_clients"]
