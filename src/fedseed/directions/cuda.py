@@ -72,13 +72,20 @@ def _two_sum(a, b):
 
 
 @triton.jit
-def log_u1(x, tab):
-    """``cpu.log_u1``: log(((x >> 40) + 1) / 2^24) in float64."""
+def _log_reduce(x, tab):
+    """u1 = ((x >> 40) + 1) / 2^24 as 2^k (1 + r) / INV[i], the argument reduction both logarithms share."""
     bits = ((x >> 40).to(tl.int64) + 1).to(tl.float64).to(tl.int64, bitcast=True)
     mant = bits & 0xFFFFFFFFFFFFF
     i = (mant + (1 << 44)) >> 45
     r = tl.fma((mant | (1023 << 52)).to(tl.float64, bitcast=True), tl.load(tab + INV_ + i), -1.0)
     k = ((bits >> 52) - 1047).to(tl.float64)
+    return r, k, i
+
+
+@triton.jit
+def log_u1(x, tab):
+    """``cpu.log_u1``: log(((x >> 40) + 1) / 2^24) in float64."""
+    r, k, i = _log_reduce(x, tab)
     h = -0.5 * r
     p = r * h
     pe = tl.fma(r, h, -p)
@@ -127,11 +134,7 @@ def cos_u2(x, tab):
 @triton.jit
 def sqrt_m2log_fast(x, tab):
     """``cpu.sqrt_m2log_fast``."""
-    bits = ((x >> 40).to(tl.int64) + 1).to(tl.float64).to(tl.int64, bitcast=True)
-    mant = bits & 0xFFFFFFFFFFFFF
-    i = (mant + (1 << 44)) >> 45
-    r = tl.fma((mant | (1023 << 52)).to(tl.float64, bitcast=True), tl.load(tab + INV_ + i), -1.0)
-    k = ((bits >> 52) - 1047).to(tl.float64)
+    r, k, i = _log_reduce(x, tab)
     p = tl.fma(r, tl.load(tab + SC_ + 23), tl.load(tab + SC_ + 24))
     p = tl.fma(r, p, tl.load(tab + SC_ + 25))
     p = tl.fma(r, p, tl.load(tab + SC_ + 26))
