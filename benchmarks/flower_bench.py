@@ -125,8 +125,9 @@ def deployment(cfg: dict[str, Any], root: Path, worker: bool, env: dict[str, str
     (root / "run.toml").write_text(to_toml(served))
     port = free_port()
     nodes = cfg["federation"]["num_clients"]
-    env = {**os.environ, **(env or {}), "FEDSEED_FLOWER_DIR": str(root / "flower"), "FLOWER_PORT": str(port),
-           "FLOWER_NODE_PORT": str(free_port(nodes + 1)), "FLWR_HOME": str(root / "flower" / "flwr-home"),
+    flower = out.with_name(out.name + "-flower")  # one per deployment: its flwr config names this run's port
+    env = {**os.environ, **(env or {}), "FEDSEED_FLOWER_DIR": str(flower), "FLOWER_PORT": str(port),
+           "FLOWER_NODE_PORT": str(free_port(nodes + 1)), "FLWR_HOME": str(flower / "flwr-home"),
            "PATH": f"{BIN}:{os.environ['PATH']}", "WORKER": "1" if worker else "0", "PARTS": str(parts)}
     scripts = REPO / "scripts"
     started = time.perf_counter()
@@ -136,8 +137,11 @@ def deployment(cfg: dict[str, Any], root: Path, worker: bool, env: dict[str, str
         done = subprocess.run([str(BIN / "flwr"), "run", str(REPO / "flower"), "loopback", "--run-config",
                                str(root / "run.toml"), "--format", "json"], env=env, cwd=REPO, capture_output=True,
                               text=True)
-        run = json.loads(done.stdout)["run-id"]
-        pids = {name: int((root / "flower" / "pids" / f"{name}.pid").read_text())
+        answer = json.loads(done.stdout or "{}")
+        if "run-id" not in answer:
+            raise RuntimeError(f"flwr run did not start the run: {done.stdout[-2000:]} {done.stderr[-2000:]}")
+        run = answer["run-id"]
+        pids = {name: int((flower / "pids" / f"{name}.pid").read_text())
                 for name in [f"supernode{i}" for i in range(nodes)] + ([f"worker{i}" for i in range(nodes)] if worker else [])}
         peaks: dict[int, int] = {}
         while True:
@@ -174,7 +178,7 @@ def main() -> None:
             model, steps, length = "python:fedseed/assets/stories260K", 50, 256
         else:
             model = str(model_folder(Path.home() / ".cache" / "fedseed" / "bench-models", name, "float32"))
-            steps, length = 4, 128
+            steps, length = 4, 512  # with a 512-token vocabulary the held-out summaries' prompts run past 128 tokens
         row: dict[str, Any] = {"model": name, "local_steps": steps, "max_length": length}
         row["in_process"] = in_process(config(model, root / "inproc", args.rounds, steps, length), root)
         for worker in (True, False):
