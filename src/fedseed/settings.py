@@ -26,11 +26,6 @@ def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> 
     return field(default=default, metadata=meta)
 
 
-def help_of(cls: type) -> dict[str, str]:
-    """``{key: help text}`` of a settings dataclass, in declaration order."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
-
-
 def check_choices(obj: Any, section: str) -> None:
     """Every word-valued field of ``obj`` is one of its allowed values (for objects built without a table)."""
     for f in dataclasses.fields(obj):
@@ -66,11 +61,7 @@ def build_section(name: str, cls: type, table: dict[str, Any]) -> Any:
     unknown = sorted(set(table) - set(fields))
     if unknown:
         raise ConfigError(f"unknown key `{name}.{unknown[0]}`; valid keys in [{name}]: {', '.join(sorted(fields))}")
-    values = {}
-    for key, value in table.items():
-        full = f"{name}.{key}"
-        values[key] = _coerce(full, value, hints[key])
-        choices = fields[key].metadata.get("choices")
-        if choices and values[key] not in choices:
-            raise ConfigError(f"`{full}` must be one of {', '.join(choices)}; got {value!r}")
-    return cls(**values)
+    values = {key: _coerce(f"{name}.{key}", value, hints[key]) for key, value in table.items()}
+    section = cls(**values)
+    check_choices(section, name)
+    return section
