@@ -111,8 +111,8 @@ def test_each_round_moves_every_matrix_inside_the_span_of_its_projections(run):
             assert not step.any(), name  # norms are not trained
             continue
         assert step.norm() > 0, name
-        assert row_space_residual(step, [algo.pool[k] for k in used], name) < 1e-3, name  # float32 rounding only
-        assert row_space_residual(step, [algo.pool[k] for k in unused], name) > 0.5, name
+        assert row_space_residual(step, [algo.seed_of(k) for k in used], name) < 1e-3, name  # float32 rounding only
+        assert row_space_residual(step, [algo.seed_of(k) for k in unused], name) > 0.5, name
 
 
 def row_space_residual(step: torch.Tensor, seeds: list[int], name: str) -> float:
@@ -200,7 +200,7 @@ def test_check_rejects_replies_that_do_not_fit(run):
         (dict(round=2), "`round`"),
         (dict(client=4), "`client`"),
         (dict(steps=7), "`steps`"),
-        (dict(seed_ids=np.array([0, 4])), "outside the pool"),
+        (dict(seed_ids=np.array([0, 4])), "outside round 1.s pool"),
         (dict(seed_ids=np.array([0, 1, 2]), values=np.zeros(3 * chunk, np.float32)), "at most 2"),
         (dict(values=np.zeros(2 * chunk - 2, np.float32)), "`values` has"),
         (dict(values=np.full(2 * chunk, np.nan, np.float32)), "non-finite"),
@@ -218,3 +218,26 @@ def test_config_errors_name_the_field():
         method_config(Path("/tmp/unused"), {**ALGORITHM, "optimizer": "lion"})
     with pytest.raises(ConfigError, match="algorithm.num_bases"):
         method_config(Path("/tmp/unused"), {**ALGORITHM, "num_bases": 8})
+
+
+def test_fresh_pools_lift_the_rank_bound_and_still_replay_bit_for_bit(tmp_path):
+    """redraw = 1: every round draws K new seeds, so a matrix's total update passes rank K r."""
+    cfg = {**ALGORITHM, "num_seeds": 2, "redraw": 1}
+    exp, _, ledger = method_run(tmp_path, cfg)
+    updates = ledger.decoded(FedKRSO.Update)
+    for u in updates:  # round t draws ids 2 (t - 1) and 2 (t - 1) + 1
+        assert set(u.seed_ids.tolist()) <= {2 * (u.round - 1), 2 * (u.round - 1) + 1}
+    model = fresh_model()
+    sync_over_wire(replayed_server(exp, model, ledger, 1), model, 2, 0)
+    sync_over_wire(replayed_server(exp, model, ledger, ROUNDS), model, ROUNDS + 1, model.position)
+    assert_same_weights(model, exp.model)
+    name, w = next((n, p) for n, p in model.trainable if "q_proj" in n)  # 64 x 64
+    with model.base.read([i for i, (n, _) in enumerate(model.trainable) if n == name]) as (w0,):
+        singular = torch.linalg.svdvals((w - w0).double())
+    rank = int((singular > 1e-4 * singular[0]).sum())
+    bound = cfg["num_seeds"] * cfg["rank"]
+    assert bound < rank <= len({k for u in updates for k in u.seed_ids.tolist()}) * cfg["rank"]
+    algo = replayed_server(exp, fresh_model(), ledger, 1)
+    with pytest.raises(InvalidReply, match="outside round 2's pool"):
+        reply = SubspaceReply(2, 0, 10, 6, 0, 1.0, np.array([0]), np.zeros(chunk_size(matrices(model), 4), np.float32))
+        algo.check(reply, algo.task(2, 0, 0))

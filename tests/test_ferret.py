@@ -26,9 +26,12 @@ from fedseed.algorithms.ferret import (
     basis_seeds,
     client_seed,
     coordinates,
+    official_bases,
     partition_blocks,
+    pool_order,
     second_moment,
 )
+from fedseed.algorithms.robust import RobustSection
 from fedseed.config import ConfigError
 from fedseed.directions import DirectionSpace
 from fedseed.directions.generator import values
@@ -150,7 +153,7 @@ def random_update(d: int) -> list[tuple[str, torch.Tensor]]:
 
 def reconstruct(delta: list[tuple[str, torch.Tensor]], seed: int, count: int, distribution: str) -> torch.Tensor:
     """``V gamma`` through the same two calls a sync makes."""
-    gamma = coordinates(delta, seed, count, distribution)
+    gamma = coordinates(delta, basis_seeds(seed, count), distribution)
     out = [(n, torch.zeros_like(t)) for n, t in delta]
     DirectionSpace(out, distribution).add_(basis_seeds(seed, count), gamma)
     return torch.cat([t for _, t in out]).double()
@@ -283,3 +286,85 @@ def test_fused_sgd_steps_are_the_buffered_sgd_steps(run):
     for fused, buffered, w0 in zip(*ends, start):
         assert not torch.equal(fused, w0)
         torch.testing.assert_close(fused - w0, buffered - w0, rtol=1e-3, atol=1e-7)
+
+
+# -- the official code's mode: a fixed pool, its scale and its clip --------------------------
+
+OFFICIAL = {**ALGORITHM, "seed_pool": 64, "scale": "official", "clip_norm": 10.0, "server_lr": 9.0}
+
+
+def test_official_allocation_gives_the_largest_block_the_whole_pool():
+    # FerretFramework.project_update: max(int(norm / max_norm * K), 2)
+    assert official_bases(np.array([0.0, 1.0, 4.0, 2.0, 0.01]), 200).tolist() == [2, 50, 200, 100, 2]
+    assert official_bases(np.zeros(3), 200).tolist() == [2, 2, 2]
+    assert official_bases(np.array([np.nan, 1.0]), 10).tolist() == [2, 10]  # a NaN block takes 2
+
+
+def test_pool_subsets_are_distinct_uniform_and_differ_by_block():
+    orders = [pool_order(123, block, 200) for block in range(3)]
+    assert all(sorted(o.tolist()) == list(range(200)) for o in orders)
+    assert not np.array_equal(orders[0], orders[1])
+    firsts = np.array([pool_order(seed, 0, 10)[0] for seed in range(4000)])
+    assert np.bincount(firsts, minlength=10).min() > 320  # 400 expected for each of 10 (uniform)
+
+
+def test_official_truncated_normal_basis_reconstructs_a_third():
+    """The official basis: torch.nn.init.trunc_normal_(mean 0, std 1, a=-1/sqrt(d), b=1/sqrt(d)) (Ferret's
+    FerretFramework.project_update); its coordinate (d / n) <Delta, b> times b averages d E[b^2] Delta = Delta / 3."""
+    d = 4096
+    torch.manual_seed(0)
+    b = torch.nn.init.trunc_normal_(torch.empty(200, d, dtype=torch.float64), 0.0, 1.0, -d**-0.5, d**-0.5)
+    assert float(d * b.square().mean()) == pytest.approx(1 / 3, rel=0.01)
+    # ours with scale = "official" has the same expectation
+    delta = random_update(300)
+    target = torch.cat([t for _, t in delta]).double()
+    mean = torch.zeros_like(target)
+    for trial in range(600):
+        bases = basis_seeds(7000 + trial, 32)
+        gamma = coordinates(delta, bases, "gaussian", 1 / 3)
+        out = [(n, torch.zeros_like(t)) for n, t in delta]
+        DirectionSpace(out, "gaussian").add_(bases, gamma)
+        mean += torch.cat([t for _, t in out]).double() / 600
+    assert float((mean - target / 3).norm() / (target / 3).norm()) < 0.15
+
+
+def test_official_clip_bounds_each_pool_seed_and_block_of_the_aggregate(run):
+    exp, _, _ = run
+    equal = RobustSection(norm_clip=0, max_weight=1, weighting="equal")
+    algo = Ferret(FerretConfig(**{k: v for k, v in OFFICIAL.items() if k != "name"}), seed=7, robust=equal)
+    algo.bind(exp.model)
+    replies = []
+    for client in (1, 3):
+        bases = official_bases(np.linspace(1, 2, len(algo.blocks)), 64)
+        coords = np.full(int(bases.sum()), 1e-6, np.float32)
+        if client == 1:
+            coords[0] = 1e3  # block 0, the client's first pool seed there: far past the clip
+        replies.append(FerretReply(1, client, 10 * client, 3, 0, 1.0, client_seed(7, 1, client), bases, coords))
+    for r in replies:
+        algo.check(r, algo.task(1, r.client, 0))
+    update = algo.aggregate(1, replies)
+    assert np.allclose(update.weights, 9.0 * 0.5)  # equal weighting, then server_lr
+    seed1, seed3 = (pool_order(client_seed(7, 1, c), 0, 64) for c in (1, 3))
+    k = int(seed1[0])
+    block = [exp.model.trainable[j] for j in algo.blocks[0]]
+    norm = math.sqrt(sum(float(v.double().square().sum())
+                         for v in DirectionSpace(block, "gaussian").materialize(int(algo.pool[k]))))
+    both = update.coords[: replies[0].bases[0]].astype(np.float64)  # client 1's block 0
+    other = update.coords[int(replies[0].bases.sum()) : int(replies[0].bases.sum()) + replies[1].bases[0]]
+    shared = np.nonzero(seed3[: replies[1].bases[0]] == k)[0]  # client 3 may have drawn the same pool seed
+    total = 0.5 * both[0] + 0.5 * float(other[shared].sum())
+    assert abs(total) * norm == pytest.approx(10.0, rel=1e-5)  # clipped to the bound exactly
+    assert np.allclose(both[1:], 1e-6) and np.allclose(update.coords[-5:], 1e-6)  # the rest untouched
+
+
+def test_official_mode_trains_and_replays_bit_for_bit(tmp_path):
+    exp, folder, ledger = method_run(tmp_path, OFFICIAL)
+    rows = folder.metrics()
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] - 0.1
+    updates = ledger.decoded(Ferret.Update)
+    assert all(u.bases.max() == 64 and u.bases.min() >= 2 for u in updates)  # the largest block takes the pool
+    model = fresh_model()
+    algo = replayed_server(exp, model, ledger, ROUNDS)
+    sync_over_wire(algo, model, 2, 0)
+    sync_over_wire(algo, model, ROUNDS + 1, model.position)  # a late client: round 1, then the rest
+    assert_same_weights(model, exp.model)

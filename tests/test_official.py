@@ -161,3 +161,38 @@ def test_paper_presets_select_the_official_pipeline(preset):
     else:
         assert (cfg.data.prompt, cfg.data.subsample) == ("fedkseed-ni", "fedkseed-ni")
     assert cfg.algorithm["distribution"] == "gaussian"  # mezo_optimizer: torch.normal per parameter
+
+
+def test_fedkseed_pro_probabilities_are_the_official_ones():
+    """server.py, Server.calculate_probabilities with softmax and min_max_norm (zhenqincn/FedKSeed @ 3cec773):
+    every seed's history starts as [grad_initial = 0.0], clients append every step's projected gradient to it
+    unweighted, and the probabilities are softmax(min_max_norm(mean |clip(h, +-bias_loss_clip 1000)|))."""
+    from fedseed.algorithms.fedkseed import FedKSeed, FedKSeedConfig, SeedReply
+    from fedseed.algorithms.robust import RobustSection
+
+    def official(history: list[list[float]], clip: float = 1000.0) -> np.ndarray:
+        score = np.array([np.mean(np.abs(np.clip(h, -clip, clip))) for h in history])
+        score = (score - np.min(score)) / (np.max(score) + 1e-10 - np.min(score))
+        e = np.exp(score - np.max(score))
+        p = e / np.sum(e)
+        return p / np.sum(p)
+
+    k, steps, rng = 16, 20, np.random.default_rng(0)
+    history: list[list[float]] = [[0.0] for _ in range(k)]
+    algo = FedKSeed(FedKSeedConfig(num_seeds=k, local_steps=steps, pro=True), seed=1,
+                    robust=RobustSection(norm_clip=0, max_weight=1))
+    for round in (1, 2, 3):
+        probs = algo.task(round, 0, 0).probabilities
+        assert np.allclose(probs, official(history), atol=1e-7), round
+        replies = []
+        for client in range(3):
+            ids = rng.choice(k, steps, p=probs.astype(np.float64) / probs.sum())
+            g = (rng.standard_cauchy(steps) * 50).astype(np.float32)  # heavy tails: some pass the 1000 clip
+            for seed, value in zip(ids, g):
+                history[seed].append(float(value))
+            replies.append(SeedReply(round, client, 5 + client, steps, 0, 1.0, 0, ids, g))
+        for r in replies:
+            algo.check(r, algo.task(round, r.client, 0))
+        algo.commit(algo.aggregate(round, replies))
+    assert max(abs(v) for h in history for v in h) > 1000  # the clip mattered
+    assert official(history).max() / official(history).min() == pytest.approx(np.e, rel=1e-6)  # no temperature

@@ -2,7 +2,9 @@
 
 One base config fixes the model, data, partition, federation and evaluation; each
 method brings only its ``[algorithm]`` table, from ``[methods.<name>]`` in the
-config or else from the method's own ``compare`` setting. Each method runs in its own run folder
+config or else from the method's own ``compare`` setting, and may amend the base's
+``[robust]`` with ``[methods.<name>.robust]`` (the official Ferret script weighs
+clients equally where the FedKSeed code weighs them by examples). Each method runs in its own run folder
 under ``<output_dir>/<name>``; the table (Markdown + JSON) and plots land in
 ``<output_dir>``.
 """
@@ -77,7 +79,9 @@ def compare(config_path: str | Path, methods: list[str], overrides: Sequence[str
     rows = []
     for name in methods:
         table = method_table(name, tables)
-        cfg = load_config({**base, "algorithm": table}, [*overrides, f"run.output_dir={json.dumps(str(out / name))}"])
+        robust = {**base.get("robust", {}), **table.pop("robust", {})}
+        cfg = load_config({**base, "algorithm": table, "robust": robust},
+                          [*overrides, f"run.output_dir={json.dumps(str(out / name))}"])
         peak = client_peak_bytes(cfg.to_dict())
         t0 = time.perf_counter()
         exp = prepare(cfg)

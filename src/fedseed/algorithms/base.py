@@ -144,7 +144,8 @@ class Algorithm(ABC):
         if not replies:
             raise InvalidReply(f"round {round}: no replies to aggregate")
         ordered = sorted(replies, key=lambda r: r.client)
-        return ordered, capped_weights([r.num_examples for r in ordered], self.robust.max_weight)
+        counts = [1 if self.robust.weighting == "equal" else r.num_examples for r in ordered]
+        return ordered, capped_weights(counts, self.robust.max_weight)
 
     def expect_next(self, update: Any) -> None:
         """Updates are committed in round order, each exactly once."""

@@ -20,6 +20,16 @@ in a fixed pool: the global model is the base plus every round's reconstructions
 and a party that missed rounds replays them in order. The server keeps the
 committed updates in memory; a task carries the rounds its client lacks.
 
+The official code (``allen4747/Ferret``) differs in three ways, all available
+(``seed_pool``, ``scale``, ``clip_norm``; docs/ferret.md): every basis is one of a
+fixed pool of K seeds shared by all clients and rounds, block ``l`` taking a
+random subset of ``max(int(||Delta_l|| / max_l ||Delta_l|| * K), 2)`` of them; its
+truncated-normal basis makes the reconstruction ``Delta / 3`` in expectation, which
+its server learning rate compensates; and the server clips each (pool seed,
+block) reconstruction of the aggregate to an L2 norm of 10. A client's subsets
+follow from its seed, so the wire carries the same fields either way; the
+server folds the clip into each client's coordinates before it commits them.
+
 Local training does not leave the model changed: ``train`` measures the update
 against a copy of the synced weights written to disk (which it needs for
 ``Delta`` anyway) and copies them back, so the copy stays at its ledger position
@@ -52,6 +62,8 @@ from fedseed.settings import ConfigError, check_choices, require_positive, setti
 from fedseed.wire import F32Array, F64Array, U32, U64, UIntArray, message
 
 SEED_TAG = 0xFE77  # the per-client-per-round seed
+POOL_TAG = 0xF001  # the official mode's fixed pool of seeds
+SCALES = ("unbiased", "official")
 BLOCK_FRACTION = 0.9  # official code: a block holds up to 0.9 x the median tensor size
 QUANTA = 2**24  # the generator's Gaussian draws u1, u2 on a grid of 2^24 points
 
@@ -69,11 +81,24 @@ class FerretConfig:
     server_lr: float = setting(3.0, "global step on the mean reconstruction (paper: 3 on Dolly, 10 on NI)")
     block_size: int = setting(0, "elements per block; 0 = 0.9 x the median tensor size (official rule)")
     distribution: str = setting("gaussian", "basis entries: gaussian or rademacher", DISTRIBUTIONS)
+    seed_pool: int = setting(0, "official code: every basis comes from one fixed pool of this many seeds (script: "
+                                "200), each block a random subset sized by its update norm; 0 = a fresh seed per "
+                                "client per round, num_bases split over the blocks")
+    scale: str = setting("unbiased", "unbiased: E[V gamma] = Delta; official: 1/3 of that, as the official "
+                                     "truncated-normal basis gives (its server_lr of 10 makes up for it)", SCALES)
+    clip_norm: float = setting(0.0, "official code: each (pool seed, block) reconstruction of the round's aggregate "
+                                    "clipped to this L2 norm (code: 10); needs seed_pool; 0 = off")
 
     def __post_init__(self) -> None:
         require_positive(self, "algorithm", "num_bases", "local_steps", "grad_accum", "lr", "server_lr")
-        if self.block_size < 0:
-            raise ConfigError(f"`algorithm.block_size` must be >= 0 (0 = automatic), got {self.block_size!r}")
+        for name in ("block_size", "seed_pool", "clip_norm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"`algorithm.{name}` must be >= 0 (0 = off), got {getattr(self, name)!r}")
+        if self.seed_pool == 1:
+            raise ConfigError("`algorithm.seed_pool` must be 0 (fresh seeds) or at least 2: every block takes 2 bases")
+        if self.clip_norm and not self.seed_pool:
+            raise ConfigError("`algorithm.clip_norm` clips per pool seed and block: set `algorithm.seed_pool` "
+                              "(the official script uses 200) or set clip_norm = 0")
         check_choices(self, "algorithm")
 
 
@@ -190,6 +215,31 @@ def basis_seeds(seed: int, count: int) -> np.ndarray:
     return np.array([derive_seed(seed, k) for k in range(count)], dtype=np.uint64)
 
 
+def pool_seeds(run_seed: int, size: int) -> np.ndarray:
+    """The official mode's pool: ``size`` seeds fixed for the whole run."""
+    return np.array([derive_seed(run_seed, k, POOL_TAG) for k in range(size)], dtype=np.uint64)
+
+
+def pool_order(seed: int, block: int, size: int) -> np.ndarray:
+    """A client's ranking of the pool for one block: the block's ``n`` bases are the first ``n``.
+
+    The official code draws ``random.sample(range(K), n)`` per block; this is the
+    same uniform subset, drawn from the client's seed so the server can name it.
+    """
+    keys = np.array([derive_seed(seed, block, k) for k in range(size)], dtype=np.uint64)
+    return np.argsort(keys, kind="stable")
+
+
+def official_bases(norms: np.ndarray, pool: int) -> np.ndarray:
+    """``max(int(||Delta_l|| / max_l ||Delta_l|| * K), 2)``: the largest block takes the whole pool."""
+    finite = np.isfinite(norms)
+    top = float(norms[finite].max()) if finite.any() else 0.0
+    if top <= 0:
+        return np.full(norms.size, 2, dtype=np.int64)
+    share = np.where(finite, norms / top, 0.0)  # a NaN block takes 2, as in the official code
+    return np.maximum((share * pool).astype(np.int64), 2)
+
+
 def allocate_bases(norms: np.ndarray, total: int) -> np.ndarray:
     """``K_l``: 2 per block, the rest in proportion to the block's update norm, summing to ``total``.
 
@@ -207,14 +257,20 @@ def allocate_bases(norms: np.ndarray, total: int) -> np.ndarray:
     return counts + 2
 
 
-def coordinates(delta: Sequence[tuple[str, torch.Tensor]], seed: int, count: int, distribution: str) -> np.ndarray:
-    """``gamma = (rho K)^-1 V^T delta`` for one block (float64, shape (count,)).
+def coordinates(delta: Sequence[tuple[str, torch.Tensor]], bases: np.ndarray, distribution: str,
+                scale: float = 1.0) -> np.ndarray:
+    """``gamma = scale (rho K)^-1 V^T delta`` for one block and its K basis seeds (float64, shape (K,)).
 
     ``delta`` is the block's update as ``(parameter name, tensor)`` pairs: the names
     fix the bases, so the update must carry its parameters' names.
     """
-    projected = DirectionSpace(delta, distribution).project(basis_seeds(seed, count))  # (K,)
-    return projected / (second_moment(distribution) * count)
+    projected = DirectionSpace(delta, distribution).project(bases)  # (K,)
+    return projected * (scale / (second_moment(distribution) * bases.size))
+
+
+def max_entry(distribution: str) -> float:
+    """The largest ``|v_i|`` the generator can give: Box-Muller's radius at ``u1 = 2^-24``, or 1."""
+    return math.sqrt(2 * math.log(QUANTA)) if distribution == "gaussian" else 1.0
 
 
 # -- the algorithm -------------------------------------------------------------------
@@ -236,10 +292,28 @@ class Ferret(Algorithm):
         super().__init__(config, seed, robust)
         self.history: list[FerretUpdate] = []  # committed updates, round 1 first: what late clients replay
         self.blocks: list[list[int]] | None = None  # set by bind: indices into model.trainable
+        self.pool = pool_seeds(seed, config.seed_pool) if config.seed_pool else None
+        self.scale = 1 / 3 if config.scale == "official" else 1.0
+        self._layout: list[list[tuple[str, tuple[int, ...]]]] = []  # per block: (name, shape), for basis norms
+        self._basis_norms: dict[tuple[int, int], float] = {}  # ||v|| of (pool index, block), computed when needed
 
     def bind(self, model: LocalModel) -> None:
         """Fix the model's block layout (the server checks replies against it)."""
         self.blocks = self._blocks(model)
+        self._layout = [[(model.trainable[j][0], tuple(model.trainable[j][1].shape)) for j in b] for b in self.blocks]
+
+    def _allocate(self, norms: np.ndarray) -> np.ndarray:
+        """``K_l`` of every block: a share of ``num_bases``, or the official count out of the pool."""
+        if self.pool is None:
+            return allocate_bases(norms, self.config.num_bases)
+        return official_bases(norms, self.pool.size)
+
+    def _bases(self, seed: int, counts: Sequence[int]) -> list[np.ndarray]:
+        """The basis seeds of every block of one contribution: a prefix of its own, or its subset of the pool."""
+        if self.pool is None:
+            own = basis_seeds(seed, max(counts))
+            return [own[:k] for k in counts]
+        return [self.pool[pool_order(seed, l, self.pool.size)[:k]] for l, k in enumerate(counts)]
 
     def _blocks(self, model: LocalModel) -> list[list[int]]:
         blocks = partition_blocks([p.numel() for _, p in model.trainable], self.config.block_size)
@@ -282,7 +356,11 @@ class Ferret(Algorithm):
         require(reply.bases.size == num_blocks, f"`bases` has {reply.bases.size} blocks, the model has {num_blocks}")
         require(bool((reply.bases >= 2).all()), "`bases` gives some block fewer than 2 bases")
         total = sum(reply.bases.tolist())  # exact, as in validate
-        require(total == cfg.num_bases, f"`bases` sum to {total}, not num_bases {cfg.num_bases}")
+        if self.pool is None:
+            require(total == cfg.num_bases, f"`bases` sum to {total}, not num_bases {cfg.num_bases}")
+        else:
+            require(bool((reply.bases <= self.pool.size).all()), f"`bases` gives some block more than the pool's "
+                                                                  f"{self.pool.size} seeds")
         require(reply.coords.size == total, f"`coords` has {reply.coords.size} values, the bases need {total}")
         require(bool(np.isfinite(reply.coords).all()), "`coords` holds non-finite values")
 
@@ -290,14 +368,57 @@ class Ferret(Algorithm):
         """Every client's coordinates, clipped, with its (capped) weight: each client has bases of its own."""
         rob = self.robust
         ordered, weights = self.weighted(round, replies)
-        coords = whole_rows(clip_values([r.coords for r in ordered], rob.value_clip))
+        rows = whole_rows(clip_values([r.coords for r in ordered], rob.value_clip))
+        coords = [c.rows[0] for c in clip_norms(rows, rob.norm_clip)]
+        if self.config.clip_norm:
+            coords = self._clip_pool(ordered, weights, coords)
         return FerretUpdate(
             round,
             np.array([r.seed for r in ordered], dtype=np.int64),
             self.config.server_lr * weights,
             np.concatenate([r.bases for r in ordered]),
-            np.concatenate([c.rows[0] for c in clip_norms(coords, rob.norm_clip)]).astype(np.float32),
+            np.concatenate(coords).astype(np.float32),
         )
+
+    def _clip_pool(self, ordered: Sequence[FerretReply], weights: np.ndarray,
+                   coords: list[np.ndarray]) -> list[np.ndarray]:
+        """The official clip: each (pool seed, block) reconstruction ``C v`` of the aggregate to ``clip_norm``.
+
+        ``C = sum_i w_i gamma_i`` on that seed and block; its factor
+        ``min(1, clip / (|C| ||v|| + 1e-8))`` scales every client's coordinate
+        there, so the committed contributions sum to the clipped aggregate.
+        """
+        assert self.pool is not None and self.blocks is not None
+        size, num_blocks = self.pool.size, len(self.blocks)
+        total = np.zeros((size, num_blocks))
+        slots = []
+        for r, w, c in zip(ordered, weights, coords):
+            counts = r.bases.tolist()
+            seeds = np.concatenate([pool_order(r.seed, l, size)[:k] for l, k in enumerate(counts)])
+            blocks = np.repeat(np.arange(num_blocks), counts)
+            np.add.at(total, (seeds, blocks), w * c)
+            slots.append((seeds, blocks))
+        factor = np.ones_like(total)
+        # ||v|| <= max_entry sqrt(d): only where that bound could pass the clip is the exact norm needed
+        reach = np.abs(total) * max_entry(self.config.distribution) * np.sqrt(self._block_sizes())
+        for k, l in zip(*np.nonzero(reach > self.config.clip_norm)):
+            factor[k, l] = min(1.0, self.config.clip_norm / (abs(total[k, l]) * self._basis_norm(k, l) + 1e-8))
+        return [c * factor[seeds, blocks] for c, (seeds, blocks) in zip(coords, slots)]
+
+    def _block_sizes(self) -> np.ndarray:
+        return np.array([sum(math.prod(shape) for _, shape in block) for block in self._layout], dtype=np.float64)
+
+    def _basis_norm(self, k: int, l: int) -> float:
+        """``||v||`` of pool seed ``k`` on block ``l``, a tensor at a time (cached: it never changes)."""
+        assert self.pool is not None
+        if (k, l) not in self._basis_norms:
+            square = 0.0
+            for name, shape in self._layout[l]:
+                (v,) = DirectionSpace([(name, torch.empty(shape))], self.config.distribution).materialize(
+                    int(self.pool[k]))
+                square += float(v.double().square().sum())
+            self._basis_norms[(k, l)] = math.sqrt(square)
+        return self._basis_norms[(k, l)]
 
     def commit(self, update: FerretUpdate) -> None:
         self.expect_next(update)
@@ -327,9 +448,29 @@ class Ferret(Algorithm):
             rows = slice(first, first + count)
             offset = int(task.bases[: first * len(blocks)].sum())
             bases = task.bases[first * len(blocks) : (first + count) * len(blocks)].reshape(count, len(blocks))
-            _apply_round_(spaces, task.seeds[rows], task.weights[rows], bases, task.coords[offset:])
+            self._apply_round_(spaces, task.seeds[rows], task.weights[rows], bases, task.coords[offset:])
             first += count
         model.position = task.round - 1
+
+    def _apply_round_(self, spaces: list[DirectionSpace], seeds: np.ndarray, weights: np.ndarray, bases: np.ndarray,
+                      coords: np.ndarray) -> None:
+        """Add one round's ``sum_i weight_i V_i,l gamma_i,l`` to every block, one fused pass per block.
+
+        ``bases`` is (clients, L); ``coords`` starts at the round's first coordinate.
+        Contributions go in the update's (client) order, so every party adds the same
+        float32 sums.
+        """
+        per_block_seeds: list[list[np.ndarray]] = [[] for _ in spaces]
+        per_block_coeffs: list[list[np.ndarray]] = [[] for _ in spaces]
+        offset = 0
+        for seed, weight, counts in zip(seeds.tolist(), weights.tolist(), bases):
+            for l, own in enumerate(self._bases(seed, counts.tolist())):
+                gamma = coords[offset : offset + own.size].astype(np.float64)
+                per_block_seeds[l].append(own)
+                per_block_coeffs[l].append(weight * gamma)
+                offset += own.size
+        for space, block_seeds, block_coeffs in zip(spaces, per_block_seeds, per_block_coeffs):
+            space.add_(np.concatenate(block_seeds), np.concatenate(block_coeffs))
 
     def train(self, model: LocalModel, batches: Batches, task: FerretTask) -> FerretReply:
         cfg = self.config
@@ -343,8 +484,9 @@ class Ferret(Algorithm):
             with torch.enable_grad(), checkpointed_layers(model.module):
                 steps, skipped, losses = _local_steps(model, batches, cfg)
             seed = client_seed(self.seed, task.round, task.client)
-            bases = allocate_bases(_block_norms(model, start, blocks), cfg.num_bases)  # (L,)
-            coords = _block_coordinates(model, start, blocks, bases, seed, cfg.distribution)
+            bases = self._allocate(_block_norms(model, start, blocks))  # (L,)
+            coords = _block_coordinates(model, start, blocks, self._bases(seed, bases.tolist()), cfg.distribution,
+                                        self.scale)
             _restore_from(model, start)
         model.position = task.round - 1
         flat = np.concatenate(coords).astype(np.float32)
@@ -356,28 +498,6 @@ class Ferret(Algorithm):
 
 
 # -- client helpers ------------------------------------------------------------------
-
-
-def _apply_round_(spaces: list[DirectionSpace], seeds: np.ndarray, weights: np.ndarray, bases: np.ndarray,
-                  coords: np.ndarray) -> None:
-    """Add one round's ``sum_i weight_i V_i,l gamma_i,l`` to every block, one fused pass per block.
-
-    ``bases`` is (clients, L); ``coords`` starts at the round's first coordinate.
-    Contributions go in the update's (client) order, so every party adds the same
-    float32 sums.
-    """
-    per_block_seeds: list[list[np.ndarray]] = [[] for _ in spaces]
-    per_block_coeffs: list[list[np.ndarray]] = [[] for _ in spaces]
-    offset = 0
-    for seed, weight, counts in zip(seeds.tolist(), weights.tolist(), bases):
-        all_bases = basis_seeds(seed, int(counts.max()))
-        for l, k in enumerate(counts.tolist()):
-            gamma = coords[offset : offset + k].astype(np.float64)
-            per_block_seeds[l].append(all_bases[:k])
-            per_block_coeffs[l].append(weight * gamma)
-            offset += k
-    for space, block_seeds, block_coeffs in zip(spaces, per_block_seeds, per_block_coeffs):
-        space.add_(np.concatenate(block_seeds), np.concatenate(block_coeffs))
 
 
 def _local_steps(model: LocalModel, batches: Batches, cfg: FerretConfig) -> tuple[int, int, list[float]]:
@@ -473,13 +593,13 @@ def _block_norms(model: LocalModel, start: BaseWeights, blocks: list[list[int]])
                      for block in blocks])
 
 
-def _block_coordinates(model: LocalModel, start: BaseWeights, blocks: list[list[int]], bases: np.ndarray, seed: int,
-                       distribution: str) -> list[np.ndarray]:
-    """``gamma_l`` of every block, each block's update formed, projected and dropped in turn."""
+def _block_coordinates(model: LocalModel, start: BaseWeights, blocks: list[list[int]], bases: list[np.ndarray],
+                       distribution: str, scale: float) -> list[np.ndarray]:
+    """``gamma_l`` of every block on its basis seeds, each block's update formed, projected and dropped in turn."""
     out = []
-    for block, k in zip(blocks, bases):
+    for block, block_bases in zip(blocks, bases):
         named = [(model.trainable[j][0], d) for j, d in _deltas(model, start, block)]
-        out.append(coordinates(named, seed, int(k), distribution))
+        out.append(coordinates(named, block_bases, distribution, scale))
     return out
 
 

@@ -11,8 +11,9 @@ defences, in the order a server applies them:
    the round's median non-zero ``|value|``;
 2. norm clipping: each client's whole contribution scaled down to at most
    ``norm_clip`` times the round's median contribution norm;
-3. weight capping: no client's share above ``max_weight``; the excess goes to the
-   others in proportion to their own shares;
+3. weight capping: no client's share (its examples, or equal shares with
+   ``weighting = "equal"``) above ``max_weight``; the excess goes to the others in
+   proportion to their own shares;
 4. combining per id: the weighted mean, or, among the clients that reported an
    id, the coordinate-wise median or trimmed mean scaled by those clients' total
    weight. Where every client reports an id the three rules share one scale; an
@@ -34,6 +35,7 @@ import numpy as np
 from fedseed.settings import setting
 
 RULES = ("mean", "median", "trimmed-mean")  # how clients' values on one seed/coordinate combine
+WEIGHTINGS = ("examples", "equal")  # a client's share before capping: its declared examples, or 1 / replies
 
 
 @dataclass
@@ -47,6 +49,8 @@ class RobustSection:
     value_clip: float = setting(0.0, "clip every scalar/coordinate to this multiple of the round's median |value| "
                                      "(0 = off)")
     max_weight: float = setting(0.5, "cap on one client's share of a round (1 = off; never below 1 / replies)")
+    weighting: str = setting("examples", "a client's share: its examples (FedAvg, the FedKSeed code) or equal "
+                                         "(the Ferret script's --equal_weight)", WEIGHTINGS)
     fingerprint_samples: int = setting(1024, "weights hashed to detect a client whose copy drifted (0 = off)")
 
 
