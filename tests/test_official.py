@@ -148,7 +148,8 @@ def test_natural_instructions_sampling_is_the_official_draw():
     assert {t: sum(ex.category == t for ex in test) for t in sizes} == {"t0": 20, "t1": 19, "t2": 19, "t3": 60}
 
 
-@pytest.mark.parametrize("preset", ["fedkseed-dolly-llama3b.toml", "fedkseed-ni-datajuicer-1.3b.toml"])
+@pytest.mark.parametrize("preset", ["fedkseed-dolly-llama3b.toml", "fedkseed-ni-datajuicer-1.3b.toml",
+                                    "ferret-ni-datajuicer-1.3b.toml"])
 def test_paper_presets_select_the_official_pipeline(preset):
     table = tomllib.loads((REPO / "configs" / preset).read_text())
     cfg = load_config(REPO / "configs" / preset)
@@ -161,6 +162,11 @@ def test_paper_presets_select_the_official_pipeline(preset):
     else:
         assert (cfg.data.prompt, cfg.data.subsample) == ("fedkseed-ni", "fedkseed-ni")
     assert cfg.algorithm["distribution"] == "gaussian"  # mezo_optimizer: torch.normal per parameter
+    if cfg.algorithm["name"] == "ferret":  # scripts/ferret.sh and FerretFramework.update (allen4747/Ferret @ 1a412a9)
+        alg = cfg.algorithm
+        assert (alg["seed_pool"], alg["scale"], alg["clip_norm"], alg["server_lr"]) == (200, "official", 10.0, 10.0)
+        assert (alg["lr"], alg["optimizer"], alg["local_steps"] * alg["grad_accum"]) == (1e-4, "sgd", 40)
+        assert (cfg.robust.weighting, cfg.federation.rounds, cfg.run.seed) == ("equal", 12, 494)
 
 
 def test_fedkseed_pro_probabilities_are_the_official_ones():

@@ -317,7 +317,7 @@ class Ferret(Algorithm):
 
     def _blocks(self, model: LocalModel) -> list[list[int]]:
         blocks = partition_blocks([p.numel() for _, p in model.trainable], self.config.block_size)
-        if self.config.num_bases < 2 * len(blocks):
+        if self.config.num_bases < 2 * len(blocks) and not self.config.seed_pool:
             raise ValueError(
                 f"`algorithm.num_bases` = {self.config.num_bases} leaves fewer than 2 bases for some of the "
                 f"model's {len(blocks)} blocks; set it to at least {2 * len(blocks)} or raise `algorithm.block_size`"
