@@ -36,3 +36,19 @@ def test_compare_writes_table_and_plots_on_the_same_partition(tmp_path):
     assert table.count("\n") == 4 and "| fedavg |" in table
     for name in ("rouge_l_vs_round_and_bytes.png", "eval_loss_vs_round_and_bytes.png"):
         assert (out / name).stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name", ["dolly-stories260K", "ni-stories260K", "sst2-minilm"])
+def test_reproduction_configs_load_every_method_in_paper_mode(name):
+    """configs/reproduce: each method's table (and Ferret's [robust] amendment) makes a valid config."""
+    from conftest import REPO
+    from fedseed.algorithms import METHODS
+    from fedseed.compare import method_config, read_compare_config
+
+    base, tables = read_compare_config(REPO / "configs" / "reproduce" / f"{name}.toml")
+    for method in METHODS:
+        cfg = method_config(base, method, tables)
+        assert (cfg.robust.norm_clip, cfg.robust.max_weight) == (0.0, 1.0)  # the official plain mean
+        assert cfg.robust.weighting == ("equal" if method == "ferret" else "examples")
+        if method == "ferret":
+            assert (cfg.algorithm["seed_pool"], cfg.algorithm["scale"]) == (200, "official")

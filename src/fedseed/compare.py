@@ -29,6 +29,13 @@ def method_table(name: str, overrides: dict[str, dict[str, Any]]) -> dict[str, A
     return {"name": name, **METHODS[name][2].compare, **overrides.get(name, {})}
 
 
+def method_config(base: dict[str, Any], name: str, tables: dict[str, dict[str, Any]], overrides: Sequence[str] = ()):
+    """One method's validated config: the base, its ``[algorithm]`` table, and its ``[robust]`` amendments."""
+    table = method_table(name, tables)
+    robust = {**base.get("robust", {}), **table.pop("robust", {})}
+    return load_config({**base, "algorithm": table, "robust": robust}, list(overrides))
+
+
 def read_compare_config(path: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The base config as a dict and the per-method ``[methods.<name>]`` tables."""
     raw = read_toml(path)
@@ -79,9 +86,7 @@ def compare(config_path: str | Path, methods: list[str], overrides: Sequence[str
     rows = []
     for name in methods:
         table = method_table(name, tables)
-        robust = {**base.get("robust", {}), **table.pop("robust", {})}
-        cfg = load_config({**base, "algorithm": table, "robust": robust},
-                          [*overrides, f"run.output_dir={json.dumps(str(out / name))}"])
+        cfg = method_config(base, name, tables, [*overrides, f"run.output_dir={json.dumps(str(out / name))}"])
         peak = client_peak_bytes(cfg.to_dict())
         t0 = time.perf_counter()
         exp = prepare(cfg)
