@@ -106,7 +106,7 @@ def test_huge_scalars_are_bounded_by_default_and_wreck_the_plain_mean(tmp_path, 
 @pytest.mark.parametrize("method,attack,words", [
     ("ferret", "nan", "non-finite value"),
     ("ferret", "out-of-pool", "bases sum to 256 but 257 coords"),  # no seed ids: one coordinate too many
-    ("fedkrso", "out-of-pool", "outside round 1.s pool"),
+    ("fedkrso", "out-of-pool", "outside round 2's pool 0 .. 7"),  # the fixed pool, every round
     ("fedavg", "out-of-pool", "`delta` has 260033 values"),
 ])
 def test_every_method_rejects_by_name(tmp_path, method, attack, words):
