@@ -52,3 +52,16 @@ def test_reproduction_configs_load_every_method_in_paper_mode(name):
         assert cfg.robust.weighting == ("equal" if method == "ferret" else "examples")
         if method == "ferret":
             assert (cfg.algorithm["seed_pool"], cfg.algorithm["scale"]) == (200, "official")
+
+
+@pytest.mark.slow
+def test_compare_takes_algorithm_overrides_that_only_the_compared_method_knows(tmp_path):
+    """The base config has no method of its own: `--set algorithm.optimizer=...` is FedAvg's, not the default's."""
+    cfg = small_config(tmp_path / "cmp", federation={"rounds": 1})
+    cfg["methods"] = {"fedavg": {"local_steps": 2}}
+    path = tmp_path / "cmp.toml"
+    path.write_text(to_toml(cfg))
+    assert main(["compare", str(path), "--methods", "fedavg", "--set", "algorithm.optimizer=sgd"]) == 0
+    rows = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["methods"]
+    assert rows[0]["method"] == "fedavg" and rows[0]["rounds"] == 1
+    assert "optimizer = \"sgd\"" in (tmp_path / "cmp" / "fedavg" / "config.toml").read_text()

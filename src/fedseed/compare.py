@@ -82,7 +82,8 @@ def compare(config_path: str | Path, methods: list[str], overrides: Sequence[str
     from fedseed.runners.simulation import simulate
 
     base, tables = read_compare_config(config_path)
-    out = Path(load_config(base, list(overrides)).run.output_dir)
+    # the base alone has no method: `algorithm.*` overrides are checked against each method's table below
+    out = Path(load_config(base, [o for o in overrides if not o.startswith("algorithm.")]).run.output_dir)
     rows = []
     for name in methods:
         table = method_table(name, tables)
