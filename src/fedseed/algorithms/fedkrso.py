@@ -79,6 +79,11 @@ class FedKRSOConfig:
         """The id of seed 0 of the pool that ``round`` draws from: ids ``first .. first + K - 1``."""
         return (round - 1) // self.redraw * self.num_seeds if self.redraw else 0
 
+    def outside_pool(self, round: int, ids: np.ndarray) -> np.ndarray:
+        """The ``ids`` that are not in ``round``'s pool (empty when all are)."""
+        first = self.first_id(round)
+        return ids[(ids < first) | (ids >= first + self.num_seeds)]
+
     @property
     def intervals(self) -> int:
         """Subspaces per client per round: the most seeds one reply can name."""
@@ -309,7 +314,7 @@ class FedKRSO(Algorithm):
         used = reply.seed_ids.size
         require(used <= most, f"`seed_ids` names {used} seeds, at most {most} fit a round")
         first = cfg.first_id(reply.round)
-        bad = reply.seed_ids[(reply.seed_ids < first) | (reply.seed_ids >= first + cfg.num_seeds)]
+        bad = cfg.outside_pool(reply.round, reply.seed_ids)
         require(bad.size == 0, f"`seed_ids` holds {bad[:3].tolist()}, outside round {reply.round}'s pool "
                                f"{first} .. {first + cfg.num_seeds - 1}")
         expected = reply.seed_ids.size * chunk
@@ -329,8 +334,7 @@ class FedKRSO(Algorithm):
     def commit(self, update: SubspaceUpdate) -> None:
         self.expect_next(update)
         chunk = self._bound_chunk()
-        first = self.config.first_id(update.round)
-        require(bool(((update.seed_ids >= first) & (update.seed_ids < first + self.config.num_seeds)).all()),
+        require(self.config.outside_pool(update.round, update.seed_ids).size == 0,
                 f"update names a seed outside round {update.round}'s pool")
         require(update.values.size == update.seed_ids.size * chunk,
                 f"update has {update.values.size} floats, {update.seed_ids.size} seeds x {chunk} expected")

@@ -313,7 +313,12 @@ class Ferret(Algorithm):
         if self.pool is None:
             own = basis_seeds(seed, max(counts))
             return [own[:k] for k in counts]
-        return [self.pool[pool_order(seed, l, self.pool.size)[:k]] for l, k in enumerate(counts)]
+        return [self.pool[indices] for indices in self._pool_indices(seed, counts)]
+
+    def _pool_indices(self, seed: int, counts: Sequence[int]) -> list[np.ndarray]:
+        """Which pool entries each block of one contribution uses: the first ``K_l`` of its ranking."""
+        assert self.pool is not None
+        return [pool_order(seed, l, self.pool.size)[:k] for l, k in enumerate(counts)]
 
     def _blocks(self, model: LocalModel) -> list[list[int]]:
         blocks = partition_blocks([p.numel() for _, p in model.trainable], self.config.block_size)
@@ -394,7 +399,7 @@ class Ferret(Algorithm):
         slots = []
         for r, w, c in zip(ordered, weights, coords):
             counts = r.bases.tolist()
-            seeds = np.concatenate([pool_order(r.seed, l, size)[:k] for l, k in enumerate(counts)])
+            seeds = np.concatenate(self._pool_indices(r.seed, counts))
             blocks = np.repeat(np.arange(num_blocks), counts)
             np.add.at(total, (seeds, blocks), w * c)
             slots.append((seeds, blocks))
