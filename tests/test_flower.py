@@ -242,6 +242,19 @@ def test_flower_gives_the_in_process_ledger_bit_for_bit(algorithm, tmp_path):
     assert NodeCache(tmp_path / "node0").position(read_instruction(grid.sent[-1]).run) == 2  # synced to round 2
 
 
+@pytest.mark.slow
+def test_a_private_flower_run_gives_the_in_process_ledger_and_epsilon(tmp_path):
+    """Client-level privacy on Flower: the server clips and noises, and reports epsilon every round."""
+    privacy = {"mode": "client", "noise_multiplier": 1.0, "clip": 1.0, "noise_seed": 5}
+    cfg = {**config(tmp_path / "flower", FEDKSEED, rounds=2, evaluate=False), "privacy": privacy}
+    flower_run(cfg, tmp_path)
+    _, reference, _ = run_simulation({**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "inproc")}})
+    assert RunFolder(tmp_path / "flower").ledger_path.read_bytes() == reference.ledger_path.read_bytes()
+    rows = [r for r in RunFolder(tmp_path / "flower").metrics() if r["round"] > 0]
+    assert [r["epsilon"] for r in rows] == [r["epsilon"] for r in reference.metrics() if r["round"] > 0]
+    assert rows[0]["epsilon"] < rows[1]["epsilon"] and all("train_loss" not in r for r in rows)
+
+
 # -- partial participation, failures, rejoining ---------------------------------------------
 
 

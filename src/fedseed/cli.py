@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseed.config import ConfigError, load_config
-from fedseed.events import Events
+from fedseed.events import Events, training_summary
 
 
 @contextmanager
@@ -63,7 +63,7 @@ class RichEvents(Events):
 
         n = max(len(row["clients"]), 1)
         line = (f"round {row['round']:>3} | up {human_bytes(row['uplink_total'] / n)}/client "
-                f"| down {human_bytes(row['downlink_total'] / n)}/client | train loss {row['train_loss']:.4f}")
+                f"| down {human_bytes(row['downlink_total'] / n)}/client | {training_summary(row)}")
         if "eval_loss" in row:
             line += f" | held-out loss {row['eval_loss']:.4f}"
         if row.get("skipped_steps"):

@@ -20,6 +20,7 @@ from typing import Any
 from fedseed.algorithms.robust import RobustSection
 from fedseed.faults import FaultsSection
 from fedseed.locations import QUICKSTART_DATA, QUICKSTART_MODEL
+from fedseed.privacy import PrivacySection
 from fedseed.settings import ConfigError, build_section, setting
 
 __all__ = ["SECTIONS", "Config", "ConfigError", "build_section", "load_config", "parse_override", "read_toml"]
@@ -97,6 +98,7 @@ SECTIONS: dict[str, type] = {
     "eval": EvalSection,
     "robust": RobustSection,
     "faults": FaultsSection,
+    "privacy": PrivacySection,
 }
 
 
@@ -109,6 +111,7 @@ class Config:
     eval: EvalSection = field(default_factory=EvalSection)
     robust: RobustSection = field(default_factory=RobustSection)
     faults: FaultsSection = field(default_factory=FaultsSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
     algorithm: dict[str, Any] = field(default_factory=lambda: {"name": "fedkseed"})
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,7 +167,7 @@ def load_config(source: str | Path | dict[str, Any], overrides: Sequence[str] = 
     cfg.algorithm = dict(raw.get("algorithm", {"name": "fedkseed"}))
     from fedseed.algorithms import algorithm_config  # validates [algorithm] against the method
 
-    algorithm_config(cfg.algorithm, cfg.robust)
+    algorithm_config(cfg.algorithm, cfg.robust, cfg.privacy)
     _check_ranges(cfg)
     return cfg
 
@@ -197,3 +200,4 @@ def _check_ranges(cfg: Config) -> None:
     if not 0 <= faults.adversaries <= fed.num_clients:
         raise ConfigError(f"`faults.adversaries` must be in 0..federation.num_clients ({fed.num_clients}), "
                           f"got {faults.adversaries}")
+    cfg.privacy.check()

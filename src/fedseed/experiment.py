@@ -9,6 +9,7 @@ is what makes an interrupted run resume to the identical model.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from fedseed.algorithms import Algorithm, build_algorithm
+from fedseed import privacy
+from fedseed.algorithms import Algorithm, algorithm_config, build_algorithm
 from fedseed.config import Config, ConfigError
 from fedseed.data import (
     ClassifiedExample,
@@ -240,7 +242,23 @@ class Experiment:
 
     def algorithm(self) -> Algorithm:
         """A fresh algorithm object (server and clients each build their own)."""
-        return build_algorithm(self.config.algorithm, self.config.run.seed, self.config.robust)
+        return build_algorithm(self.config.algorithm, self.config.run.seed, self.config.robust, self.privacy)
+
+    @functools.cached_property
+    def privacy(self) -> privacy.Plan | None:
+        """The run's differential privacy, resolved once (calibrating sigma takes the accountant a moment)."""
+        cfg, fed = self.config, self.config.federation
+        if not cfg.privacy.on:
+            return None
+        schedule = [sample_clients(cfg.run.seed, r, fed.num_clients, fed.clients_per_round)
+                    for r in range(1, fed.rounds + 1)]
+        method = algorithm_config(cfg.algorithm)
+        steps = method.local_steps * getattr(method, "num_directions", 1)  # FedZO: b releases per batch
+        return privacy.plan(cfg.privacy, schedule, fed.num_clients, cfg.data.batch_size, steps)
+
+    def client_examples(self) -> dict[int, int]:
+        """Training examples per client, where this party knows them (in process: all; a node: its own)."""
+        return {c: len(examples) for c, examples in self.data.clients.items()}
 
     def batches(self, round: int, client: int) -> BatchStream:
         return BatchStream(self.data.clients[client], self.config.data.batch_size, self.pad_id,

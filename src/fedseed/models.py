@@ -229,6 +229,17 @@ class LocalModel:
         device = next(self.module.parameters()).device
         return self.module(**{k: v.to(device) for k, v in batch.items()}).loss
 
+    def example_losses(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each example's own mean loss, (B,): what example-level privacy clips one example at a time."""
+        device = next(self.module.parameters()).device
+        labels = batch["labels"].to(device)
+        logits = self.module(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits.float()
+        if labels.dim() == 1:  # classification
+            return F.cross_entropy(logits, labels, reduction="none")
+        labels = labels[:, 1:]  # causal LM: position t predicts token t + 1
+        per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        return per_token.sum(dim=1) / (labels != -100).sum(dim=1).clamp(min=1)
+
     def joint_loss(self, batches: Sequence[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, list[float]]:
         """The mean of :meth:`loss` over ``batches``, from one forward over them stacked; and each one's loss.
 

@@ -53,8 +53,15 @@ def build_report(folder: RunFolder, algorithm: str, numel: int, ledger_bytes: in
         "rejected_replies": sum(len(r.get("rejected", {})) for r in rounds),
         "resynced_copies": sum(len(r.get("drifted", {})) for r in rounds),
         "seconds": sum(r.get("seconds", 0.0) for r in rounds),
+        **_privacy(rounds),
         **extra,
     }
+
+
+def _privacy(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The epsilon the last round reports (client level, or the largest of any client at example level)."""
+    last = rounds[-1] if rounds else {}
+    return {key: last[key] for key in ("epsilon", "example_epsilon") if key in last}
 
 
 def to_markdown(rep: dict[str, Any]) -> str:
@@ -86,6 +93,12 @@ def to_markdown(rep: dict[str, Any]) -> str:
         f"Steps skipped for a non-finite loss: {rep['skipped_steps']}; replies rejected: {rep['rejected_replies']}; "
         f"client copies resynced after a fingerprint mismatch: {rep['resynced_copies']}.",
     ]
+    if "epsilon" in rep:
+        lines.append(f"Client-level differential privacy: epsilon {rep['epsilon']:.3f} spent over the run "
+                     f"(delta and accountant in config.toml [privacy]).")
+    if "example_epsilon" in rep:
+        lines.append(f"Example-level differential privacy: epsilon {rep['example_epsilon']:.3f} for the client "
+                     f"that spent the most (delta and accountant in config.toml [privacy]).")
     if "truncation" in rep:
         t = rep["truncation"]
         lines.append(f"Training examples: {t['kept']:,} kept of {t['total']:,} ({t['truncated']:,} truncated, "

@@ -28,6 +28,8 @@ import torch
 
 from fedseed.algorithms.robust import RULES, RobustSection, capped_weights
 from fedseed.models import LocalModel
+from fedseed.privacy import ClientNoise, ExampleNoise, Plan
+from fedseed.settings import ConfigError
 from fedseed.wire import F32, U32
 
 Batch = dict[str, torch.Tensor]
@@ -95,13 +97,34 @@ class Algorithm(ABC):
     Update: ClassVar[type]
     rules: ClassVar[tuple[str, ...]] = RULES  # the robust.rule values this method's updates can be combined by
     compare: ClassVar[dict[str, Any]] = {}  # [algorithm] values `fedseed compare` runs it with (tuned on stories260K)
+    privacy_modes: ClassVar[tuple[str, ...]] = ("client",)  # the privacy.mode values besides off it implements
 
-    def __init__(self, config: Any, seed: int, robust: RobustSection | None = None):
-        """Everything a method needs, at construction: its config, the run seed and the server's defences."""
+    def __init__(self, config: Any, seed: int, robust: RobustSection | None = None, privacy: Plan | None = None):
+        """Everything a method needs, at construction: its config, the run seed, the server's defences and the
+        run's differential privacy (``fedseed.privacy``; None: off)."""
         self.config = config
         self.seed = seed
         self.robust = robust if robust is not None else RobustSection()
+        self.privacy = privacy
         self.committed = 0  # rounds folded in by ``commit``; the ledger position of the server state
+
+    @classmethod
+    def check_privacy(cls, config: Any, mode: str) -> None:
+        """Raise :class:`ConfigError` unless this method, so configured, implements ``privacy.mode``."""
+        if mode not in cls.privacy_modes:
+            raise ConfigError(f"`privacy.mode` = {mode!r} is not available for {cls.name}: it is for the zeroth-order "
+                              "methods, whose steps learn one scalar per batch (fedkseed, fedkseed-pro, fedzo); "
+                              "use privacy.mode = \"client\"")
+
+    @property
+    def client_noise(self) -> ClientNoise | None:
+        """The server's client-level mechanism, when the run has one: it replaces the robust pipeline."""
+        return self.privacy.client if self.privacy is not None else None
+
+    @property
+    def example_noise(self) -> ExampleNoise | None:
+        """The client's example-level mechanism, when the run has one."""
+        return self.privacy.example if self.privacy is not None else None
 
     # -- server side -------------------------------------------------------------
     @abstractmethod

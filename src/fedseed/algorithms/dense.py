@@ -28,6 +28,7 @@ import torch
 
 from fedseed.algorithms.base import Algorithm, Batches, BaseReply, require
 from fedseed.algorithms.robust import RobustSection, clip_norms, clip_values, combine, whole_rows
+from fedseed.privacy import Plan
 from fedseed.models import DIRTY, LocalModel
 from fedseed import wire
 from fedseed.wire import F32Array, U32, U64, message
@@ -119,8 +120,9 @@ class DenseAlgorithm(Algorithm):
 
     Task, Reply, Update = DenseTask, DenseReply, DenseUpdate
 
-    def __init__(self, config: Any, seed: int, robust: RobustSection | None = None):
-        super().__init__(config, seed, robust)
+    def __init__(self, config: Any, seed: int, robust: RobustSection | None = None,
+                 privacy: Plan | None = None):
+        super().__init__(config, seed, robust, privacy)
         self.max_steps = config.local_steps
         self.weights: np.ndarray | None = None  # (numel,) float32 global weights, w0 + committed deltas
 
@@ -149,8 +151,12 @@ class DenseAlgorithm(Algorithm):
         require(bool(np.isfinite(reply.delta).all()), "`delta` holds non-finite values")
 
     def aggregate(self, round: int, replies: Sequence[DenseReply]) -> DenseUpdate:
-        rob = self.robust
+        rob, noise = self.robust, self.client_noise
         ordered, weights = self.weighted(round, replies)
+        if noise is not None:  # the whole delta is one row under one id
+            whole = np.zeros(1, dtype=np.int64)
+            rows = noise.aggregate(round, [whole] * len(ordered), [r.delta[None, :] for r in ordered], whole)
+            return DenseUpdate(round, rows[0].astype(np.float32))
         deltas = whole_rows(clip_values([r.delta for r in ordered], rob.value_clip))
         _, rows = combine(clip_norms(deltas, rob.norm_clip), weights, rob.rule, rob.trim)
         return DenseUpdate(round, rows[0].astype(np.float32))

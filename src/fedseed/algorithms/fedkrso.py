@@ -47,6 +47,7 @@ from torch import nn
 from fedseed.algorithms.base import OPTIMIZERS, Algorithm, Batches, BaseReply, make_optimizer, require
 from fedseed.algorithms.robust import Contribution, RobustSection, clip_norms, clip_values, combine
 from fedseed.directions import derive_seed, random_matrix
+from fedseed.privacy import Plan
 from fedseed.models import DIRTY, LocalModel, checkpointed_layers
 from fedseed.settings import ConfigError, check_choices, require_positive, setting
 from fedseed.wire import F32Array, U32, U64, UIntArray, message
@@ -275,8 +276,9 @@ class FedKRSO(Algorithm):
     name = "fedkrso"
     Task, Reply, Update = SubspaceTask, SubspaceReply, SubspaceUpdate
 
-    def __init__(self, config: FedKRSOConfig, seed: int, robust: RobustSection | None = None):
-        super().__init__(config, seed, robust)
+    def __init__(self, config: FedKRSOConfig, seed: int, robust: RobustSection | None = None,
+                 privacy: Plan | None = None):
+        super().__init__(config, seed, robust, privacy)
         self.totals: dict[int, np.ndarray] = {}  # seed index -> (S,) float64 T_k, summed in round order
         self.chunk: int | None = None  # S, set by bind
 
@@ -324,8 +326,13 @@ class FedKRSO(Algorithm):
 
     def aggregate(self, round: int, replies: Sequence[SubspaceReply]) -> SubspaceUpdate:
         """Per seed, the accumulators of the clients that used it, through the robust pipeline."""
-        chunk, rob = self._bound_chunk(), self.robust
+        chunk, rob, noise = self._bound_chunk(), self.robust, self.client_noise
         ordered, weights = self.weighted(round, replies)
+        if noise is not None:  # every seed of the round's pool gets noise
+            ids = self.config.first_id(round) + np.arange(self.config.num_seeds)
+            rows = noise.aggregate(round, [r.seed_ids for r in ordered],
+                                   [r.values.reshape(r.seed_ids.size, chunk) for r in ordered], ids)
+            return SubspaceUpdate(round, ids, rows.reshape(-1).astype(np.float32))
         values = clip_values([r.values for r in ordered], rob.value_clip)
         contributions = [Contribution(r.seed_ids, v.reshape(r.seed_ids.size, chunk)) for r, v in zip(ordered, values)]
         ids, rows = combine(clip_norms(contributions, rob.norm_clip), weights, rob.rule, rob.trim)

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from fedseed.algorithms.base import Algorithm, Batches, BaseReply, require
-from fedseed.algorithms.zeroth_order import Perturbation
+from fedseed.algorithms.zeroth_order import Perturbation, estimator
 from fedseed.algorithms.robust import Contribution, RobustSection, clip_norms, clip_values, combine
 from fedseed.directions import DISTRIBUTIONS, derive_seed
 from fedseed.settings import ConfigError, check_choices, require_positive, setting
+from fedseed.privacy import Plan
 from fedseed.models import DIRTY, LocalModel
 from fedseed.wire import F32Array, F64Array, U8, U32, U64, UIntArray, message, uint_width
 
@@ -145,8 +146,11 @@ class FedKSeed(Algorithm):
 
     Task, Reply, Update = SeedTask, SeedReply, SeedUpdate
 
-    def __init__(self, config: FedKSeedConfig, seed: int, robust: RobustSection | None = None):
-        super().__init__(config, seed, robust)
+    privacy_modes = ("client", "example")
+
+    def __init__(self, config: FedKSeedConfig, seed: int, robust: RobustSection | None = None,
+                 privacy: Plan | None = None):
+        super().__init__(config, seed, robust, privacy)
         self.name = "fedkseed-pro" if config.pro else "fedkseed"
         k = config.num_seeds
         self.pool = np.array([derive_seed(seed, POOL_TAG, i) for i in range(k)], dtype=np.uint64)
@@ -175,10 +179,11 @@ class FedKSeed(Algorithm):
         """Per-seed sums of g, through the robust pipeline (``fedseed.algorithms.robust``), times ``-lr``."""
         k, cfg, rob = self.config.num_seeds, self.config, self.robust
         ordered, weights = self.weighted(round, replies)
+        noise = self.client_noise
         abs_g = np.zeros(k, dtype=np.float64)
         counts = np.zeros(k, dtype=np.int64)
         contributions = []
-        for r, g in zip(ordered, clip_values([r.values for r in ordered], rob.value_clip)):
+        for r, g in zip(ordered, clip_values([r.values for r in ordered], 0 if noise else rob.value_clip)):
             if r.dense:
                 ids = np.flatnonzero(g)
                 sums = g[ids]
@@ -187,7 +192,12 @@ class FedKSeed(Algorithm):
                 np.add.at(abs_g, r.seed_ids, np.abs(np.clip(g, -cfg.clip, cfg.clip)))
                 np.add.at(counts, r.seed_ids, 1)
             contributions.append(Contribution(ids, sums[:, None]))
-        seeds, rows = combine(clip_norms(contributions, rob.norm_clip), weights, rob.rule, rob.trim)
+        if noise is None:
+            seeds, rows = combine(clip_norms(contributions, rob.norm_clip), weights, rob.rule, rob.trim)
+        else:  # every seed of the pool gets noise; Pro's statistics become functions of the noised totals alone
+            seeds = np.arange(k)
+            rows = noise.aggregate(round, [c.ids for c in contributions], [c.rows for c in contributions], seeds)
+            abs_g, counts = np.abs(rows[:, 0]), np.ones(k, dtype=np.int64)
         coeffs = np.zeros(k, dtype=np.float64)
         coeffs[seeds] = -cfg.lr * rows[:, 0]
         ids = np.flatnonzero((coeffs != 0) | (counts > 0))
@@ -221,12 +231,12 @@ class FedKSeed(Algorithm):
         model.position = DIRTY
         ids, gs, losses = [], [], []
         skipped = 0
+        estimate = estimator(self.example_noise, task.round, task.client, batches.num_examples)
         with Perturbation(model, cfg.distribution) as zo:
             for _ in range(cfg.local_steps):
                 k = int(rng.choice(cfg.num_seeds, p=probs))
                 seed = int(self.pool[k])
-                plus, minus = zo.two_point(next(batches), seed, cfg.eps)
-                g = (plus - minus) / (2 * cfg.eps)
+                g, plus, minus = estimate(zo, next(batches), seed, cfg.eps)
                 if not np.isfinite(g):  # nothing to undo: the weights were never perturbed
                     skipped += 1
                     continue
@@ -234,6 +244,8 @@ class FedKSeed(Algorithm):
                 ids.append(k)
                 gs.append(g)
                 losses.append((plus + minus) / 2)
+        if self.example_noise is not None:
+            losses = []  # the losses are not privatised: they stay on the client
         return self._reply(task, ids, gs, losses, skipped, batches.num_examples, fingerprint)
 
     def _reply(self, task: SeedTask, ids: list[int], gs: list[float], losses: list[float], skipped: int,

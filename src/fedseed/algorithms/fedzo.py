@@ -22,7 +22,7 @@ import numpy as np
 
 from fedseed.algorithms.base import Batches
 from fedseed.algorithms.dense import DenseAlgorithm, DenseTask, LocalRun
-from fedseed.algorithms.zeroth_order import Perturbation
+from fedseed.algorithms.zeroth_order import Perturbation, estimator
 from fedseed.directions import DISTRIBUTIONS, derive_seed
 from fedseed.models import LocalModel
 from fedseed.settings import check_choices, require_positive, setting
@@ -52,6 +52,7 @@ class FedZO(DenseAlgorithm):
     compare: ClassVar[dict[str, Any]] = {"local_steps": 100, "lr": 5e-5, "eps": 1e-3}
 
     name = "fedzo"
+    privacy_modes = ("client", "example")
 
     def step_seeds(self, round: int, client: int, step: int) -> list[int]:
         """The fresh direction seeds of one local step."""
@@ -61,15 +62,18 @@ class FedZO(DenseAlgorithm):
         cfg = self.config
         losses: list[float] = []
         skipped = 0
+        estimate = estimator(self.example_noise, task.round, task.client, batches.num_examples)
         with Perturbation(model, cfg.distribution) as zo:
             for step in range(cfg.local_steps):
                 seeds = self.step_seeds(task.round, task.client, step)
                 batch = next(batches)
-                pairs = [zo.two_point(batch, seed, cfg.eps) for seed in seeds]
-                g = np.array([(plus - minus) / (2 * cfg.eps) for plus, minus in pairs])  # (b,)
+                estimates = [estimate(zo, batch, seed, cfg.eps) for seed in seeds]
+                g = np.array([e[0] for e in estimates])  # (b,)
                 if not np.isfinite(g).all():
                     skipped += 1
                     continue
                 zo.defer(seeds, -cfg.lr / len(seeds) * g)
-                losses.append(float(np.mean([(plus + minus) / 2 for plus, minus in pairs])))
+                losses.append(float(np.mean([(plus + minus) / 2 for _, plus, minus in estimates])))
+        if self.example_noise is not None:
+            losses = []  # the losses are not privatised: they stay on the client
         return LocalRun(cfg.local_steps, skipped, losses)

@@ -57,6 +57,7 @@ from fedseed.algorithms.base import OPTIMIZERS, Algorithm, Batches, BaseReply, m
 from fedseed.algorithms.robust import RobustSection, clip_norms, clip_values, whole_rows
 from fedseed.base_weights import BaseWeights, consecutive_groups, snapshot
 from fedseed.directions import DISTRIBUTIONS, DirectionSpace, derive_seed
+from fedseed.privacy import Plan
 from fedseed.models import DIRTY, LocalModel, checkpointed_layers
 from fedseed.settings import ConfigError, check_choices, require_positive, setting
 from fedseed.wire import F32Array, F64Array, U32, U64, UIntArray, message
@@ -288,8 +289,9 @@ class Ferret(Algorithm):
     rules = ("mean",)  # each client's coordinates live in bases of its own: no per-coordinate median
     Task, Reply, Update = FerretTask, FerretReply, FerretUpdate
 
-    def __init__(self, config: FerretConfig, seed: int, robust: RobustSection | None = None):
-        super().__init__(config, seed, robust)
+    def __init__(self, config: FerretConfig, seed: int, robust: RobustSection | None = None,
+                 privacy: Plan | None = None):
+        super().__init__(config, seed, robust, privacy)
         self.history: list[FerretUpdate] = []  # committed updates, round 1 first: what late clients replay
         self.blocks: list[list[int]] | None = None  # set by bind: indices into model.trainable
         self.pool = pool_seeds(seed, config.seed_pool) if config.seed_pool else None
@@ -373,6 +375,8 @@ class Ferret(Algorithm):
         """Every client's coordinates, clipped, with its (capped) weight: each client has bases of its own."""
         rob = self.robust
         ordered, weights = self.weighted(round, replies)
+        if self.client_noise is not None:
+            return self._private(round, ordered)
         rows = whole_rows(clip_values([r.coords for r in ordered], rob.value_clip))
         coords = [c.rows[0] for c in clip_norms(rows, rob.norm_clip)]
         if self.config.clip_norm:
@@ -394,21 +398,60 @@ class Ferret(Algorithm):
         there, so the committed contributions sum to the clipped aggregate.
         """
         assert self.pool is not None and self.blocks is not None
-        size, num_blocks = self.pool.size, len(self.blocks)
-        total = np.zeros((size, num_blocks))
-        slots = []
-        for r, w, c in zip(ordered, weights, coords):
-            counts = r.bases.tolist()
-            seeds = np.concatenate(self._pool_indices(r.seed, counts))
-            blocks = np.repeat(np.arange(num_blocks), counts)
+        total = np.zeros((self.pool.size, len(self.blocks)))
+        slots = [self._slots(r) for r in ordered]
+        for w, c, (seeds, blocks) in zip(weights, coords, slots):
             np.add.at(total, (seeds, blocks), w * c)
-            slots.append((seeds, blocks))
+        factor = self._clip_factors(total)
+        return [c * factor[seeds, blocks] for c, (seeds, blocks) in zip(coords, slots)]
+
+    def _slots(self, reply: FerretReply) -> tuple[np.ndarray, np.ndarray]:
+        """The (pool seed, block) of each of a pool-mode reply's coordinates."""
+        counts = reply.bases.tolist()
+        return np.concatenate(self._pool_indices(reply.seed, counts)), np.repeat(np.arange(len(counts)), counts)
+
+    def _clip_factors(self, total: np.ndarray) -> np.ndarray:
+        """Per (pool seed, block) of an aggregate ``C``: ``min(1, clip / (|C| ||v|| + 1e-8))`` (1 with clip off)."""
         factor = np.ones_like(total)
+        if not self.config.clip_norm:
+            return factor
         # ||v|| <= max_entry sqrt(d): only where that bound could pass the clip is the exact norm needed
         reach = np.abs(total) * max_entry(self.config.distribution) * np.sqrt(self._block_sizes())
         for k, l in zip(*np.nonzero(reach > self.config.clip_norm)):
             factor[k, l] = min(1.0, self.config.clip_norm / (abs(total[k, l]) * self._basis_norm(k, l) + 1e-8))
-        return [c * factor[seeds, blocks] for c, (seeds, blocks) in zip(coords, slots)]
+        return factor
+
+    def _private(self, round: int, ordered: Sequence[FerretReply]) -> FerretUpdate:
+        """Client-level privacy: the noised mean over every (pool seed, block), committed as one contribution.
+
+        A client's coordinates land on distinct (seed, block) slots, so clipping
+        its coordinate vector clips its share of the aggregate by the same norm.
+        The round's one contribution takes every pool seed on every block, in the
+        order of seed 0's ranking; the official clip applies after the noise.
+        """
+        assert self.pool is not None and self.blocks is not None and self.client_noise is not None
+        size, num_blocks = self.pool.size, len(self.blocks)
+        ids, rows = [], []
+        for r in ordered:
+            seeds, blocks = self._slots(r)
+            keys = seeds * num_blocks + blocks
+            order = np.argsort(keys)
+            ids.append(keys[order])
+            rows.append(r.coords.astype(np.float64)[order][:, None])
+        total = self.client_noise.aggregate(round, ids, rows, np.arange(size * num_blocks)).reshape(size, num_blocks)
+        total *= self._clip_factors(total)
+        counts = [size] * num_blocks
+        coords = [total[indices, l] for l, indices in enumerate(self._pool_indices(0, counts))]
+        return FerretUpdate(round, np.zeros(1, dtype=np.int64), np.array([self.config.server_lr]),
+                            np.array(counts, dtype=np.int64), np.concatenate(coords).astype(np.float32))
+
+    @classmethod
+    def check_privacy(cls, config: FerretConfig, mode: str) -> None:
+        super().check_privacy(config, mode)
+        if not config.seed_pool:
+            raise ConfigError("`privacy.mode` = \"client\" needs a space all clients share, and Ferret's fresh "
+                              "per-client bases are not one: set `algorithm.seed_pool` (e.g. 200, the official "
+                              "script's) so every basis comes from one pool")
 
     def _block_sizes(self) -> np.ndarray:
         return np.array([sum(math.prod(shape) for _, shape in block) for block in self._layout], dtype=np.float64)

@@ -17,6 +17,7 @@ from fedseed.algorithms.fedkseed import FedKSeed, FedKSeedConfig
 from fedseed.algorithms.fedzo import FedZO, FedZOConfig
 from fedseed.algorithms.ferret import Ferret, FerretConfig
 from fedseed.algorithms.robust import RobustSection
+from fedseed.privacy import Plan, PrivacySection
 from fedseed.settings import ConfigError, build_section
 
 # name -> (config class, fixed config values, algorithm class)
@@ -31,8 +32,9 @@ METHODS: dict[str, tuple[type, dict[str, Any], type[Algorithm]]] = {
 }
 
 
-def algorithm_config(table: dict[str, Any], robust: RobustSection | None = None) -> Any:
-    """Validate an ``[algorithm]`` table (and that ``robust.rule`` suits the method); return its config dataclass."""
+def algorithm_config(table: dict[str, Any], robust: RobustSection | None = None,
+                     privacy: PrivacySection | None = None) -> Any:
+    """Validate an ``[algorithm]`` table (and that ``[robust]`` and ``[privacy]`` suit the method); return its config."""
     name = table.get("name", "fedkseed")
     if name not in METHODS:
         raise ConfigError(f"`algorithm.name` must be one of {', '.join(METHODS)}; got {name!r}")
@@ -42,6 +44,16 @@ def algorithm_config(table: dict[str, Any], robust: RobustSection | None = None)
                           f"coordinates in bases of their own, which no other client shares); use one of "
                           f"{', '.join(make.rules)} with `robust.norm_clip` / `robust.max_weight`")
     params = {k: v for k, v in table.items() if k != "name"}
+    cfg = _method_config(name, cls, fixed, params)
+    if privacy is not None and privacy.on:
+        make.check_privacy(cfg, privacy.mode)
+        if robust is not None and robust.rule != "mean":
+            raise ConfigError(f"`privacy.mode` = {privacy.mode!r} needs `robust.rule` = \"mean\": the Gaussian "
+                              f"mechanism bounds a sum, not a {robust.rule}")
+    return cfg
+
+
+def _method_config(name: str, cls: type, fixed: dict[str, Any], params: dict[str, Any]) -> Any:
     for key in fixed:
         if key in params and params[key] != fixed[key]:
             raise ConfigError(f"`algorithm.{key}` is fixed to {fixed[key]!r} for {name}")
@@ -64,7 +76,9 @@ def _visible(cls: type, hidden: set[str]) -> type:
     return dataclasses.make_dataclass(cls.__name__, fields, namespace={"__module__": cls.__module__})
 
 
-def build_algorithm(table: dict[str, Any], seed: int, robust: RobustSection | None = None) -> Algorithm:
-    """The algorithm object for an ``[algorithm]`` table, a run seed and the server's defences."""
+def build_algorithm(table: dict[str, Any], seed: int, robust: RobustSection | None = None,
+                    privacy: Plan | None = None) -> Algorithm:
+    """The algorithm object for an ``[algorithm]`` table, a run seed, the server's defences and the run's privacy."""
     robust = robust or RobustSection()
-    return METHODS[table.get("name", "fedkseed")][2](algorithm_config(table, robust), seed, robust)
+    config = algorithm_config(table, robust, privacy.section if privacy else None)
+    return METHODS[table.get("name", "fedkseed")][2](config, seed, robust, privacy)

@@ -31,14 +31,16 @@ gets its update all the same.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from fedseed.directions import DirectionSpace
 from fedseed.models import LocalModel
+from fedseed.privacy import ExampleNoise
 
 MIN_POINT_BYTES = 16 << 20
 POINT_FRACTION = 32  # a hook point holds at most 1/32 of the weights (or MIN_POINT_BYTES)
@@ -175,13 +177,27 @@ class Perturbation:
         self.flush()
 
     # -- steps -------------------------------------------------------------------------
-    @torch.no_grad()
     def loss(self, batch: dict[str, torch.Tensor], seeds: Sequence[int], coeffs: Sequence[float]) -> float:
         """The loss at ``w + sum_k coeffs[k] D(seeds[k])``; the first call after :meth:`defer` also applies it."""
+        return float(self._forward(self.model.loss, batch, seeds, coeffs))
+
+    def two_point(self, batch: dict[str, torch.Tensor], seed: int, eps: float) -> tuple[float, float]:
+        """``(L(w + eps z), L(w - eps z))`` on one batch, with ``z = D(seed)``."""
+        return self.loss(batch, [seed], [eps]), self.loss(batch, [seed], [-eps])
+
+    def example_two_point(self, batch: dict[str, torch.Tensor], seed: int,
+                          eps: float) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`two_point` per example: two (B,) arrays."""
+        plus, minus = (self._forward(self.model.example_losses, batch, [seed], [e]) for e in (eps, -eps))
+        return plus.cpu().numpy().astype(np.float64), minus.cpu().numpy().astype(np.float64)
+
+    @torch.no_grad()
+    def _forward(self, loss: Callable[[dict[str, torch.Tensor]], torch.Tensor], batch: dict[str, torch.Tensor],
+                 seeds: Sequence[int], coeffs: Sequence[float]) -> torch.Tensor:
         self.perturbation = (list(seeds), list(coeffs))
         self.applied = set()
         try:
-            value = float(self.model.loss(batch))
+            value = loss(batch)
         finally:
             self.perturbation = None
         rest = [j for j in range(len(self.model.trainable)) if j not in self.applied]
@@ -189,10 +205,6 @@ class Perturbation:
             self.space.subset(rest).add_(*self.pending)
         self.pending = ([], [])
         return value
-
-    def two_point(self, batch: dict[str, torch.Tensor], seed: int, eps: float) -> tuple[float, float]:
-        """``(L(w + eps z), L(w - eps z))`` on one batch, with ``z = D(seed)``."""
-        return self.loss(batch, [seed], [eps]), self.loss(batch, [seed], [-eps])
 
     def defer(self, seeds: Sequence[int], coeffs: Sequence[float]) -> None:
         """``w += sum_k coeffs[k] D(seeds[k])``, applied by the next forward's kernels (or on leaving)."""
@@ -206,3 +218,27 @@ class Perturbation:
         if self.pending[0]:
             self.space.add_(*self.pending)
         self.pending = ([], [])
+
+
+Batch = dict[str, torch.Tensor]
+Estimator = Callable[[Perturbation, Batch, int, float], tuple[float, float, float]]
+
+
+def estimator(noise: ExampleNoise | None, round: int, client: int, num_examples: int) -> Estimator:
+    """A step's ``(g, L(w + eps z), L(w - eps z))`` on one batch, for one client's round.
+
+    Plain: the batch's two-point difference. With example-level privacy: each
+    example's own difference, clipped and noised (``fedseed.privacy``).
+    """
+    if noise is None:
+        def plain(zo: Perturbation, batch: Batch, seed: int, eps: float) -> tuple[float, float, float]:
+            plus, minus = zo.two_point(batch, seed, eps)
+            return (plus - minus) / (2 * eps), plus, minus
+        return plain
+    sigma = noise.sigma_for(client, num_examples)
+    stream = noise.stream(round, client)
+
+    def private(zo: Perturbation, batch: Batch, seed: int, eps: float) -> tuple[float, float, float]:
+        plus, minus = zo.example_two_point(batch, seed, eps)
+        return noise.scalar((plus - minus) / (2 * eps), sigma, stream), float(plus.mean()), float(minus.mean())
+    return private

@@ -53,6 +53,7 @@ import numpy as np
 
 from fedseed import wire
 from fedseed.algorithms import Algorithm
+from fedseed.events import training_summary
 from fedseed.experiment import SAMPLE_TAG, Experiment, prepare_server, sample_clients
 from fedseed.ledger import Ledger, LedgerError, write_atomically
 from fedseed.report import build_report, write_report
@@ -438,7 +439,7 @@ class PrintEvents(Events):
         n = max(len(row["accepted"]), 1)
         line = (f"round {row['round']:>3} | accepted {row['accepted']} | up {row['uplink_total'] / n:.0f} B/client "
                 f"(Flower {row['flower_uplink_total'] / n:.0f} B) | down {row['downlink_total'] / n:.0f} B/client "
-                f"(Flower {row['flower_downlink_total'] / n:.0f} B) | train loss {row['train_loss']:.4f}")
+                f"(Flower {row['flower_downlink_total'] / n:.0f} B) | {training_summary(row)}")
         if "eval_loss" in row:
             line += f" | held-out loss {row['eval_loss']:.4f}"
         if row["dropped"]:

@@ -42,7 +42,7 @@ from fedseed.runners.flower_records import Instruction, RecordError, flower_byte
 from fedseed.runners.flower_server import FlowerRound, Session
 from fedseed.runners.simulation import Events, accept
 
-METRICS = ("train_loss", "uplink_total", "downlink_total", "skipped_steps")
+METRICS = ("train_loss", "uplink_total", "downlink_total", "skipped_steps", "epsilon", "example_epsilon")
 
 
 def _metrics(row: dict[str, Any]) -> MetricRecord:

@@ -47,6 +47,7 @@ class RoundResult:
     accepted: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
     drifted: dict[int, str] = field(default_factory=dict)  # fingerprint mismatches: resynced from the ledger
+    examples: dict[int, int] = field(default_factory=dict)  # training examples each accepted reply declared
 
     def reject(self, client: int, why: str) -> None:
         self.rejected[client] = why
@@ -99,6 +100,7 @@ class Run:
     evaluator: Algorithm
     events: Events
     ledger: Ledger | None = None  # set by begin
+    examples: dict[int, int] = field(default_factory=dict)  # training examples per client, as far as known
 
 
 def expected(run: Run) -> Expected:
@@ -114,6 +116,8 @@ def ledger_header(exp: Experiment, algo: Algorithm) -> LedgerHeader:
     cfg = exp.config
     shaping = {"algorithm": dataclasses.asdict(algo.config), "robust": dataclasses.asdict(cfg.robust),
                "faults": dataclasses.asdict(cfg.faults)}
+    if cfg.privacy.on:  # absent when off, so a run without privacy writes the header it always did
+        shaping["privacy"] = {k: v for k, v in dataclasses.asdict(cfg.privacy).items() if k != "noise_seed"}
     return LedgerHeader(FORMAT, algo.name, canonical_json(shaping), cfg.run.seed, cfg.model.name_or_path, exp.base_hash)
 
 
@@ -170,6 +174,7 @@ def close_round(rnd: Round, replies: list[Any]) -> Any:
         raise InvalidReply(f"round {result.round}: every reply was rejected, nothing to aggregate: {result.rejected}. "
                            "The ledger holds every earlier round; fix the clients and continue with --resume")
     result.train_loss = sum(r.loss for r in replies) / len(replies)
+    result.examples = {r.client: r.num_examples for r in replies}
     return rnd.server.aggregate(result.round, replies)
 
 
@@ -246,6 +251,9 @@ def begin(run: Run, resume: bool) -> Ledger:
     exp, folder = run.exp, run.folder
     run.server.bind(exp.model)
     run.evaluator.bind(exp.model)
+    if exp.privacy is not None:  # a run over its budget stops before anything is written or spent
+        run.examples = exp.client_examples()
+        exp.privacy.check_budget(exp.config.federation.rounds, run.examples)
     run.ledger = open_ledger(folder, exp, run.server, resume)
     folder.trim_metrics(run.ledger.rounds)
     if run.ledger.rounds == 0 and exp.config.eval.before and not any(r["round"] == 0 for r in folder.metrics()):
@@ -265,6 +273,10 @@ def finish_round(run: Run, update: Any, result: RoundResult, started: float,
     exp = run.exp
     run.server.commit(update)
     row = {**result.row(), **(extra or {})}
+    if exp.privacy is not None:
+        run.examples.update(result.examples)
+        row.update(exp.privacy.spent(update.round, run.examples))
+        del row["train_loss"]  # a mean of the clients' own losses, which nothing privatised
     final = update.round == exp.config.federation.rounds
     if update.round % exp.config.eval.every == 0 or final:
         sync_to_latest(run)
