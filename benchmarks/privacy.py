@@ -23,16 +23,14 @@ Prints a table and writes ``benchmarks/results/privacy-cpu.json``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import platform
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from fedseed.locations import QUICKSTART_DATA, QUICKSTART_MODEL
+from robustness import simulated, write  # the benchmarks' one runner and JSON writer
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {
@@ -62,18 +60,7 @@ def config(out: Path, args: argparse.Namespace, level: str, method: str, eps: fl
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    from fedseed.config import load_config
-    from fedseed.experiment import prepare
-    from fedseed.runfolder import RunFolder
-    from fedseed.runners.simulation import simulate
-
-    config_ = load_config(cfg)
-    exp = prepare(config_)
-    folder = RunFolder(config_.run.output_dir)
-    folder.create(config_, exp.data.partition.to_json(), overwrite=True)
-    t0 = time.perf_counter()
-    simulate(exp, folder)
-    rows = folder.metrics()
+    exp, rows, seconds = simulated(cfg)
     final = rows[-1]
     plan = exp.privacy
     sigma = None
@@ -84,7 +71,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     loss = final["eval_loss"]
     return {"base_loss": rows[0]["eval_loss"], "final_loss": loss if math.isfinite(loss) else None,
             "spent": final.get("epsilon", final.get("example_epsilon")), "sigma": sigma,
-            "seconds": time.perf_counter() - t0}
+            "seconds": seconds}
 
 
 def fmt(x: float | None, digits: int = 4) -> str:
@@ -124,13 +111,6 @@ def main() -> None:
                                                                                    CLIPS.items()},
                            "results": [{**r, "target_epsilon": r["target_epsilon"] if math.isfinite(
                                r["target_epsilon"]) else "inf"} for r in results]})
-
-
-def write(path: Path, result: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stamp = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine()}
-    path.write_text(json.dumps({**result, **stamp}, indent=2))
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

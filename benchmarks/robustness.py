@@ -64,7 +64,8 @@ def config(out: Path, args: argparse.Namespace, adversaries: int, attack: str, r
     }
 
 
-def run(cfg: dict) -> dict[str, Any]:
+def simulated(cfg: dict) -> tuple[Any, list[dict[str, Any]], float]:
+    """Run ``cfg`` in process: the experiment, its metrics rows and the seconds the rounds took."""
     from fedseed.config import load_config
     from fedseed.experiment import prepare
     from fedseed.runfolder import RunFolder
@@ -76,11 +77,14 @@ def run(cfg: dict) -> dict[str, Any]:
     folder.create(config_, exp.data.partition.to_json(), overwrite=True)
     t0 = time.perf_counter()
     simulate(exp, folder)
-    rows = folder.metrics()
+    return exp, folder.metrics(), time.perf_counter() - t0
+
+
+def run(cfg: dict) -> dict[str, Any]:
+    _, rows, seconds = simulated(cfg)
     final = rows[-1]["eval_loss"]
     return {"base_loss": rows[0]["eval_loss"], "final_loss": final if math.isfinite(final) else None,
-            "seconds": time.perf_counter() - t0,
-            "rejected": sum(len(r.get("rejected", {})) for r in rows[1:])}
+            "seconds": seconds, "rejected": sum(len(r.get("rejected", {})) for r in rows[1:])}
 
 
 def best_of(fn, repeats: int = 5) -> float:
