@@ -87,6 +87,12 @@ def test_clipping_bounds_a_hostile_client_s_influence_to_clip_over_m():
     assert np.allclose(base[[1, 2, 4], 0], np.array([0.3, 0.1, 0.2]) / 3)  # inside the bound: untouched
 
 
+def test_ids_outside_the_round_s_space_are_refused():
+    noise = ClientNoise(clip=1.0, sigma=0.0, expected_clients=1, seed=1)
+    with pytest.raises(ValueError, match="outside the round's space"):
+        noise.aggregate(1, [np.array([2, 10])], [np.ones((2, 1))], np.arange(10))
+
+
 def test_a_hostile_fedkseed_reply_moves_the_update_by_at_most_lr_clip_over_m():
     section = PrivacySection(mode="client", noise_multiplier=0.5, clip=1.0, noise_seed=3)
     schedule = [[0, 1, 2]]

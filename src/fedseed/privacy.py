@@ -168,9 +168,12 @@ class ClientNoise:
         width = rows[0].shape[1] if rows else 1
         total = np.zeros((space.size, width))
         for own, values in zip(ids, rows):
+            at = np.searchsorted(space, own)
+            if not np.array_equal(space[np.minimum(at, space.size - 1)], own):
+                raise ValueError(f"round {round}: a contribution names ids outside the round's space")
             norm = float(np.linalg.norm(values))
             scale = min(1.0, self.clip / norm) if norm > 0 else 1.0
-            total[np.searchsorted(space, own)] += scale * np.asarray(values, dtype=np.float64)
+            total[at] += scale * np.asarray(values, dtype=np.float64)
         rng = np.random.default_rng([self.seed, round, CLIENT_TAG])
         total += rng.normal(0.0, self.sigma * self.clip, size=total.shape)
         return total / self.expected_clients
