@@ -14,7 +14,7 @@ other rounds of the same data; a real deployment would take them from public
 data or an adaptive clip, and this script says which it used. "inf" is the
 same run with privacy off and the plain mean.
 
-    python benchmarks/privacy.py                  # about 25 min on 2 CPU cores
+    python benchmarks/privacy.py                  # about 20 min on 2 CPU cores
     python benchmarks/privacy.py --rounds 2 --epsilons 8 --levels client   # a quick look
 
 Prints a table and writes ``benchmarks/results/privacy-cpu.json``.
@@ -80,7 +80,7 @@ def fmt(x: float | None, digits: int = 4) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--epsilons", default="1,4,8,inf")
     ap.add_argument("--levels", default="client,example")
     ap.add_argument("--delta", type=float, default=1e-5)

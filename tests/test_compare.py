@@ -54,6 +54,21 @@ def test_reproduction_configs_load_every_method_in_paper_mode(name):
             assert (cfg.algorithm["seed_pool"], cfg.algorithm["scale"]) == (200, "official")
 
 
+def test_the_sst2_reproduction_s_lora_targets_exist_in_its_encoder():
+    """FedIT's target_modules must name layers of the configured model (BERT's `query`/`value`, not Llama's)."""
+    from conftest import REPO
+    from fedseed.compare import method_config, read_compare_config
+    from fedseed.experiment import build_algorithm, load
+    from fedseed.models import LocalModel
+
+    base, tables = read_compare_config(REPO / "configs" / "reproduce" / "sst2-minilm.toml")
+    cfg = method_config(base, "fedit", tables)
+    module, _ = load(cfg)
+    model = LocalModel.wrap(module)
+    build_algorithm(cfg.algorithm, cfg.run.seed).bind(model)  # raises when a target is missing
+    assert model.numel < 100_000  # only the adapters (and the head) train
+
+
 @pytest.mark.slow
 def test_compare_takes_algorithm_overrides_that_only_the_compared_method_knows(tmp_path):
     """The base config has no method of its own: `--set algorithm.optimizer=...` is FedAvg's, not the default's."""

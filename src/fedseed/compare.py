@@ -12,6 +12,7 @@ under ``<output_dir>/<name>``; the table (Markdown + JSON) and plots land in
 from __future__ import annotations
 
 import json
+import queue
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,15 +49,18 @@ def _probe(config: dict[str, Any], out) -> None:
     """Child process: one client's sync + local training of round 1, under the memory probe."""
     from fedseed.experiment import prepare, sample_clients
 
-    exp = prepare(load_config(config))
-    cfg = exp.config
-    server, client = exp.algorithm(), exp.algorithm()
-    server.bind(exp.model)
-    client.bind(exp.model)
-    c = sample_clients(cfg.run.seed, 1, cfg.federation.num_clients, cfg.federation.clients_per_round)[0]
-    task = wire.decode(wire.encode(server.task(1, c, exp.model.position)), client.Task)
-    _, extra = peak_extra_bytes(lambda: client.train(exp.model, exp.batches(1, c), task), cfg.run.device)
-    out.put(resident_bytes(exp.model.module) + extra)
+    try:
+        exp = prepare(load_config(config))
+        cfg = exp.config
+        server, client = exp.algorithm(), exp.algorithm()
+        server.bind(exp.model)
+        client.bind(exp.model)
+        c = sample_clients(cfg.run.seed, 1, cfg.federation.num_clients, cfg.federation.clients_per_round)[0]
+        task = wire.decode(wire.encode(server.task(1, c, exp.model.position)), client.Task)
+        _, extra = peak_extra_bytes(lambda: client.train(exp.model, exp.batches(1, c), task), cfg.run.device)
+        out.put(resident_bytes(exp.model.module) + extra)
+    except Exception as e:  # the parent waits on the queue: it must hear of a failure, not time out an hour later
+        out.put(f"{type(e).__name__}: {e}")
 
 
 def client_peak_bytes(config: dict[str, Any]) -> int:
@@ -71,8 +75,17 @@ def client_peak_bytes(config: dict[str, Any]) -> int:
     out = ctx.Queue()
     proc = ctx.Process(target=_probe, args=(config, out))
     proc.start()
-    peak = out.get(timeout=3600)
+    while True:
+        try:
+            peak = out.get(timeout=5)
+            break
+        except queue.Empty:
+            if not proc.is_alive():  # killed (out of memory, a signal) before it could report
+                raise ConfigError(f"measuring a client's memory failed: its process exited with code "
+                                  f"{proc.exitcode}") from None
     proc.join()
+    if isinstance(peak, str):
+        raise ConfigError(f"measuring a client's memory failed: {peak}")
     return peak
 
 
