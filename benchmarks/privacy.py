@@ -14,7 +14,7 @@ other rounds of the same data; a real deployment would take them from public
 data or an adaptive clip, and this script says which it used. "inf" is the
 same run with privacy off and the plain mean.
 
-    python benchmarks/privacy.py                  # about 20 min on 2 CPU cores
+    python benchmarks/privacy.py                  # about 15 min on 2 idle CPU cores
     python benchmarks/privacy.py --rounds 2 --epsilons 8 --levels client   # a quick look
 
 Prints a table and writes ``benchmarks/results/privacy-cpu.json``.

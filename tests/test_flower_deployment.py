@@ -188,7 +188,8 @@ def loopback(tmp_path) -> Iterator[Loopback]:
 
 
 def write_run_config(path: Path, out: Path, clients: int, rounds: int, algorithm: dict[str, Any],
-                     simulation: bool = False, **flower: Any) -> tuple[dict[str, Any], Path]:
+                     simulation: bool = False, privacy: dict[str, Any] | None = None,
+                     **flower: Any) -> tuple[dict[str, Any], Path]:
     """A fedseed config, its partition (one file per node, as ``fedseed partition`` writes) and a run-config.
 
     Returns the in-process config (which partitions the whole data set itself) and the
@@ -204,6 +205,7 @@ def write_run_config(path: Path, out: Path, clients: int, rounds: int, algorithm
         "federation": {"num_clients": clients, "clients_per_round": clients, "rounds": rounds},
         "algorithm": algorithm,
         "eval": {"every": 1000, "before": False, "loss_examples": 8, "generate_examples": 2, "max_new_tokens": 4},
+        "privacy": privacy or {},
     }
     parts = path.parent / "parts"
     from fedseed.config import load_config
@@ -355,8 +357,9 @@ def test_one_line_simulation_with_ray(loopback, tmp_path):
     home.mkdir(parents=True)
     (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
     out = tmp_path / "run"
+    privacy = {"mode": "client", "noise_multiplier": 1.0, "clip": 1.0, "noise_seed": 5}  # on real Flower processes
     cfg, _ = write_run_config(tmp_path / "run.toml", out, clients=2, rounds=1, algorithm={**FEDKSEED, "local_steps": 5},
-                              simulation=True)
+                              simulation=True, privacy=privacy)
     try:
         run = loopback.launch("local", tmp_path / "run.toml", "--federation-config", "num-supernodes=2")
         loopback.wait("local", run, until=lambda: len(rows(out)) >= 1)
@@ -370,3 +373,4 @@ def test_one_line_simulation_with_ray(loopback, tmp_path):
                     os.kill(int(p.name), signal.SIGTERM)
     assert status["status"] == "finished:completed", status["status-details"]
     assert Ledger.open(RunFolder(out).ledger_path).updates == expected(cfg, [[0, 1]])
+    assert rows(out)[0]["epsilon"] > 0 and "train_loss" not in rows(out)[0]
