@@ -140,9 +140,11 @@ def test_privacy_settings_that_cannot_work_are_config_errors_by_name(tmp_path, c
 def test_a_run_over_its_budget_stops_before_anything_is_written(tmp_path):
     cfg = small_config(tmp_path / "run", FEDKSEED, privacy={**CLIENT_DP, "noise_multiplier": 0.6, "max_epsilon": 5.0},
                        federation={"rounds": 40})
-    with pytest.raises(PrivacyBudgetExceeded, match=r"40 rounds would spend epsilon .* at most \d+ rounds fit"):
+    with pytest.raises(PrivacyBudgetExceeded, match=r"40 rounds would spend epsilon .* at most \d+ rounds fit") as e:
         run_simulation(cfg)
     assert not (tmp_path / "run" / "ledger.bin").exists()
+    fits = int(str(e.value).split("at most ")[1].split()[0])
+    assert epsilon("rdp", 0.6, 2 / 6, fits, 1e-5) <= 5.0 < epsilon("rdp", 0.6, 2 / 6, fits + 1, 1e-5)
 
 
 # -- runs -----------------------------------------------------------------------------------
