@@ -100,11 +100,7 @@ def clip_norms(contributions: Sequence[Contribution], factor: float) -> list[Con
         return list(contributions)
     norms = np.array([np.linalg.norm(c.rows) for c in contributions])
     bound = factor * float(np.median(norms))
-    out = []
-    for c, norm in zip(contributions, norms):
-        scale = bound / norm if norm > bound else 1.0
-        out.append(Contribution(c.ids, c.rows * scale))
-    return out
+    return [Contribution(c.ids, c.rows * (bound / norm)) if norm > bound else c for c, norm in zip(contributions, norms)]
 
 
 def combine(contributions: Sequence[Contribution], weights: np.ndarray, rule: str,
@@ -116,8 +112,12 @@ def combine(contributions: Sequence[Contribution], weights: np.ndarray, rule: st
     width = contributions[0].rows.shape[1]
     if rule == "mean":
         acc = np.zeros((union.size, width))
+        scaled = np.empty_like(acc)  # one buffer for every client's w x rows: a dense delta is model-sized
         for c, w in zip(contributions, weights):
-            acc[np.searchsorted(union, c.ids)] += w * c.rows
+            if c.ids.size == union.size:  # every id (a dense delta): no gather and scatter of the whole row
+                acc += np.multiply(c.rows, w, out=scaled)
+            else:
+                acc[np.searchsorted(union, c.ids)] += w * c.rows
         return union, acc
     stacked = np.full((len(contributions), union.size, width), np.nan)  # (m, U, width); nan: not reported
     for i, c in enumerate(contributions):
