@@ -4,6 +4,7 @@ variance, clipping against a hostile client, budgets, replay, and privacy off le
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 
 import numpy as np
@@ -256,3 +257,17 @@ def test_example_level_calibrates_each_client_to_the_target(tmp_path, method):
     sigma = noise.sigma_for(client, examples)
     rounds = noise.rounds_of[client]
     assert epsilon("rdp", sigma, 2 / examples, steps * max(rounds, 1), 1e-5) == pytest.approx(3.0, rel=2e-3)
+
+
+def test_the_cli_shows_epsilon_each_round_and_in_the_report(tmp_path, capsys):
+    from fedseed.cli import main
+    from fedseed.runfolder import to_toml
+
+    path = tmp_path / "exp.toml"
+    path.write_text(to_toml(small_config(tmp_path / "run", {**FEDKSEED, "local_steps": 2}, federation={"rounds": 1},
+                                         eval={"before": False, "loss_examples": 8})))
+    assert main(["run", str(path), "--set", "privacy.mode=client", "--set", "privacy.target_epsilon=2"]) == 0
+    out = capsys.readouterr().out
+    assert "epsilon 2.000" in out or "epsilon 1.99" in out  # the round line
+    assert "epsilon" in (tmp_path / "run" / "report.md").read_text() and "config.toml [privacy]" in out
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["epsilon"] == pytest.approx(2.0, rel=1e-3)

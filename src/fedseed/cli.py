@@ -115,7 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stats = exp.data.train_stats
     extra = {"truncation": stats.__dict__, "wall_seconds": time.perf_counter() - t0}
     rep = build_report(folder, ledger.header.algorithm, exp.model.numel, folder.ledger_path.stat().st_size, extra)
-    console.print(write_report(folder, rep))
+    console.print(write_report(folder, rep), markup=False)  # report text is plain: [privacy] is no style
     return 0
 
 
@@ -169,7 +169,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     console = Console()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
     result = compare(args.config, methods, args.set, console=console)
-    console.print(to_markdown(result["methods"]))
+    console.print(to_markdown(result["methods"]), markup=False)
     console.print(f"plots: {', '.join(result['plots'])}")
     return 0
 

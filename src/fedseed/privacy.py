@@ -55,7 +55,7 @@ RDP_ORDERS = [1 + x / 10 for x in range(6, 100)] + list(range(12, 64))
 
 @dataclass
 class PrivacySection:
-    """``[privacy]``: differential privacy for the released model (this module says how each mode works)."""
+    """``[privacy]``: differential privacy for the released model (docs/privacy.md says how each mode works)."""
 
     mode: str = setting("off", "off; client: clip and noise each client's contribution on the server; example: "
                                "clip and noise each step's scalar inside a zeroth-order client", MODES)
