@@ -36,6 +36,7 @@ is bitwise whatever the seed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 from collections.abc import Sequence
@@ -121,6 +122,7 @@ def _accountant(kind: str):
     return dp_accounting.rdp.RdpAccountant(RDP_ORDERS) if kind == "rdp" else dp_accounting.pld.PLDAccountant()
 
 
+@functools.cache  # pure: clients with the same data size and schedule share one answer
 def epsilon(kind: str, sigma: float, rate: float, steps: int, delta: float) -> float:
     """Epsilon of ``steps`` compositions of the Gaussian mechanism (noise ``sigma`` x sensitivity) sampled at ``rate``."""
     if steps == 0:
@@ -130,6 +132,7 @@ def epsilon(kind: str, sigma: float, rate: float, steps: int, delta: float) -> f
     return float(accountant.get_epsilon(delta))
 
 
+@functools.cache  # pure, and a bisection of accountant runs: clients alike in (rate, steps) calibrate once
 def calibrate(kind: str, target: float, rate: float, steps: int, delta: float) -> float:
     """The smallest sigma whose ``steps`` compositions at ``rate`` spend at most ``target``."""
     dp_accounting = _library()
@@ -197,7 +200,6 @@ class ExampleNoise:
     batch_size: int
     steps_per_round: int
     rounds_of: dict[int, int] = field(default_factory=dict)  # client -> rounds it is scheduled for
-    _sigmas: dict[tuple[int, int], float] = field(default_factory=dict)
 
     def rate(self, n: int) -> float:
         return min(1.0, self.batch_size / n)
@@ -206,11 +208,8 @@ class ExampleNoise:
         s = self.section
         if s.noise_multiplier:
             return s.noise_multiplier
-        key = (client, n)
-        if key not in self._sigmas:
-            steps = self.steps_per_round * max(1, self.rounds_of.get(client, 1))
-            self._sigmas[key] = calibrate(s.accountant, s.target_epsilon, self.rate(n), steps, s.delta)
-        return self._sigmas[key]
+        steps = self.steps_per_round * max(1, self.rounds_of.get(client, 1))
+        return calibrate(s.accountant, s.target_epsilon, self.rate(n), steps, s.delta)
 
     def epsilon(self, client: int, n: int, rounds: int) -> float:
         """Client ``client``'s epsilon after taking part in ``rounds`` rounds."""

@@ -107,7 +107,7 @@ def expected(run: Run) -> Expected:
     """What honest replies of the next round say: the fingerprint of the runner's copy (synced first by the caller)."""
     exp = run.exp
     fingerprint = exp.model.fingerprint(exp.config.run.seed, run.server.committed, exp.config.robust.fingerprint_samples)
-    known = {c: len(examples) for c, examples in exp.data.clients.items()} if exp.data.partition else None
+    known = exp.client_examples() if exp.data.partition else None
     return Expected(fingerprint, known)
 
 
