@@ -66,6 +66,7 @@ METHODS = {  # small rounds: enough to exercise sync, local steps and the reply 
     "ferret": {"num_bases": 1024, "local_steps": 2, "grad_accum": 1, "lr": 1e-5},
     "fedzo": {"local_steps": 4, "lr": 1e-6, "eps": 1e-3},
 }
+OVERRIDES: dict[str, Any] = {}  # --set key=value: a method setting changed for every method that has it
 
 
 # -- model folders -------------------------------------------------------------------
@@ -131,13 +132,14 @@ with torch.no_grad():
 
 def run_config(folder: Path, dtype: str, method: str, out: Path, seq: int, device: str) -> dict[str, Any]:
     """2 clients, one per round, 2 rounds: round 2's client rebuilds its copy from ``w0`` and round 1's update."""
+    settings = {**METHODS[method], **{k: v for k, v in OVERRIDES.items() if k in METHODS[method]}}
     return {
         "run": {"output_dir": str(out), "seed": 1, "device": device},
         "model": {"name_or_path": str(folder), "dtype": dtype},
         "data": {"dataset": "dolly", "path": "python:fedseed/assets/dolly-quickstart.jsonl.gz",
                  "holdout": "summarization", "max_length": seq, "max_train_examples": 200},
         "federation": {"num_clients": 2, "clients_per_round": 1, "rounds": 2},
-        "algorithm": {"name": method, **METHODS[method]},
+        "algorithm": {"name": method, **settings},
         "eval": {"every": 2, "before": False, "loss_examples": 2, "generate_examples": 1, "max_new_tokens": 4,
                  "batch_size": 1},
     }
@@ -188,8 +190,9 @@ def bench_memory(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
         for runner in args.runners.split(","):
             measure = RUNNERS[runner]
             for method in args.methods.split(","):
-                # the first run of a method compiles numba's kernels into its cache (and writes any base copy)
-                fedseed_run_peak(folders[small], dtype, method, args.seq, args.device, root / "cache")
+                if args.warm_up:  # the first run of a method compiles numba's kernels into its cache (and writes
+                    # any base copy): costs the slope cancels anyway, kept out of the peaks all the same
+                    fedseed_run_peak(folders[small], dtype, method, args.seq, args.device, root / "cache")
                 peaks = {size: measure(f, dtype, method, args.seq, args.device, root / "cache")
                          for size, f in folders.items()}
                 extra = {size: peaks[size] - base[size] for size in folders}
@@ -348,6 +351,10 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS), help="methods of the memory benchmark")
     p.add_argument("--runners", default=",".join(RUNNERS), help="what the memory benchmark runs: "
                    "'fedseed run' (in-process) and/or 'Flower node' (a loopback deployment's node)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a setting of METHODS for every method that has it, e.g. local_steps=2 (memory)")
+    p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                   help="skip the memory benchmark's unmeasured first run of each method (when its caches are warm)")
     p.add_argument("--seq", type=int, default=256, help="tokens per batch (and of the inference forward)")
     p.add_argument("--seeds", type=int, default=64, help="per-seed totals the client's sync rebuilds from")
     p.add_argument("--reference-seeds", type=int, default=16, help="seeds the reference's rebuild is timed on")
@@ -357,6 +364,9 @@ def main() -> None:
                    help="where the random-init model folders are built (once)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    for item in args.set:
+        key, _, value = item.partition("=")
+        OVERRIDES[key] = json.loads(value)
     root = Path(args.models)
     root.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
