@@ -82,6 +82,45 @@ def test_ledger_replay_rebuilds_the_live_model_bit_for_bit(run):
         assert not all(torch.equal(p, w) for (_, p), w in zip(model.trainable, w0))
 
 
+def test_rebuild_and_fold_form_b_p_a_band_of_rows_at_a_time(run, monkeypatch):
+    """``W += B P`` is formed a band of rows at a time, never as a float32 matrix the size of ``W``.
+
+    Every party forms the same bands (they depend only on the matrix's shape), so
+    replay stays bit for bit; against one whole product a band may round its last
+    bit differently (the BLAS picks its kernel by shape), so that is compared to
+    rounding.
+    """
+    import fedseed.algorithms.fedkrso as fedkrso
+
+    exp, _, ledger = run
+    assert [(r.start, r.stop) for r in fedkrso.row_chunks(10, 1 << 20)] == [(0, 4), (4, 8), (8, 10)]
+    assert len(list(fedkrso.row_chunks(512, 64))) == 1  # stories260K's matrices fit one band
+    band = 4 * 64 * 7  # 7 rows of 64 columns: ragged bands on every matrix
+    monkeypatch.setattr(fedkrso, "ROW_CHUNK_BYTES", band)
+    banded, again = fresh_model(), fresh_model()
+    for model in (banded, again):
+        sync_over_wire(replayed_server(exp, model, ledger, ROUNDS), model, ROUNDS + 1, model.position)
+    assert_same_weights(banded, again)  # the same bands, the same bits
+    for (name, p), (_, q) in zip(banded.trainable, exp.model.trainable):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+    config = FedKRSOConfig(**{k: v for k, v in ALGORITHM.items() if k != "name"})
+    folded = []
+    for model, size in ((banded, band), (fresh_model(), 1 << 30)):
+        monkeypatch.setattr(fedkrso, "ROW_CHUNK_BYTES", size)
+        if size != band:
+            sync_over_wire(replayed_server(exp, model, ledger, ROUNDS), model, ROUNDS + 1, model.position)
+        subspace = Subspace(matrices(model), 12345, config)
+        with torch.no_grad():
+            for b in subspace.accumulators:
+                b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(b.numel())) * 1e-2)
+        before = [p.detach().clone() for _, p in model.trainable]
+        subspace.fold_()
+        assert any(not torch.equal(p, w) for (_, p), w in zip(model.trainable, before))
+        folded.append(model)
+    for (name, p), (_, q) in zip(folded[0].trainable, folded[1].trainable):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_a_client_that_missed_rounds_catches_up(run):
     exp, _, ledger = run
     model = fresh_model()

@@ -197,6 +197,23 @@ def projection(seed: int, name: str, rank: int, cols: int) -> torch.Tensor:
     return random_matrix(seed, name, (rank, cols), "gaussian") / math.sqrt(rank)
 
 
+ROW_CHUNK_BYTES = 16 << 20  # the float32 product ``B P`` is formed this many bytes of rows at a time
+
+
+def row_chunks(rows: int, cols: int) -> Iterator[slice]:
+    """Row ranges of an ``rows x cols`` matrix whose float32 product stays within ``ROW_CHUNK_BYTES``.
+
+    ``W += B P`` formed whole is a float32 matrix the size of ``W`` (the 32,000-token
+    embedding of a 1.1B model: 262 MB, and as much again to promote a 16-bit ``W``);
+    a band at a time it is bounded. The bands depend only on the shape, so every
+    party forms the same ones and gets the same bits (the BLAS picks its kernel by
+    shape, so a band may round differently from one whole product).
+    """
+    step = max(1, ROW_CHUNK_BYTES // (4 * cols))
+    for first in range(0, rows, step):
+        yield slice(first, min(rows, first + step))
+
+
 def _linear_hook(b: torch.Tensor, p: torch.Tensor) -> Callable:
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         low = F.linear(args[0].to(p.dtype), p)  # (..., r) = x P^T
@@ -260,7 +277,8 @@ class Subspace:
     def fold_(self) -> list[torch.Tensor]:
         """``W += B P`` for every matrix; returns the accumulators (m x r, detached)."""
         for mat, b, p in zip(self.mats, self.accumulators, self.projections):
-            mat.weight.add_((b @ p).to(mat.weight.dtype))  # (m, r) @ (r, n)
+            for rows in row_chunks(mat.rows, mat.cols):
+                mat.weight[rows].add_((b[rows] @ p).to(mat.weight.dtype))  # (m, r) @ (r, n), a band of rows
         return [b.detach() for b in self.accumulators]
 
 
@@ -380,7 +398,8 @@ class FedKRSO(Algorithm):
             stacked_p = torch.cat([
                 projection(self.seed_of(k), mat.name, self.config.rank, mat.cols) for k in task.seed_ids.tolist()
             ]).to(mat.weight.device)  # (t r, n)
-            mat.weight.add_(stacked_t @ stacked_p)  # (m, n), in float32, rounded once into the weight's dtype
+            for rows in row_chunks(mat.rows, mat.cols):  # (m, n) in float32, rounded once into the weight's dtype
+                mat.weight[rows].add_(stacked_t[rows] @ stacked_p)
         model.position = target
 
     def train(self, model: LocalModel, batches: Batches, task: SubspaceTask) -> SubspaceReply:
