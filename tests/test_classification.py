@@ -38,10 +38,10 @@ def test_sst2_data_and_seeded_head(tmp_path):
 
 @pytest.mark.slow
 def test_fedavg_raises_sst2_accuracy(tmp_path):
-    _, folder, _ = run_simulation(_config(tmp_path, {"name": "fedavg", "local_steps": 15, "lr": 1e-4}))
+    _, folder, _ = run_simulation(_config(tmp_path, {"name": "fedavg", "local_steps": 8, "lr": 2e-4}))
     rows = folder.metrics()
     assert rows[0]["accuracy"] < 60  # an untrained head is a coin flip
-    assert rows[-1]["accuracy"] > 70, rows  # measured: 49.0 -> 45.5 -> 76.5
+    assert rows[-1]["accuracy"] > 70, rows  # measured: 49.0 -> 46.5 -> 82.0
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
 
 
