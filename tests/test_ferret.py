@@ -368,3 +368,35 @@ def test_official_mode_trains_and_replays_bit_for_bit(tmp_path):
     sync_over_wire(algo, model, 2, 0)
     sync_over_wire(algo, model, ROUNDS + 1, model.position)  # a late client: round 1, then the rest
     assert_same_weights(model, exp.model)
+
+
+def test_norms_and_coordinates_never_form_the_update_and_stop_a_diverged_round(tmp_path, monkeypatch):
+    """Norms from float64 squares a chunk at a time, coordinates as ``V^T w - V^T w_start``: both equal the formed
+    update's, the weights are untouched, and a non-finite weight stops the round by name."""
+    import fedseed.algorithms.ferret as ferret
+    from fedseed.base_weights import snapshot
+
+    model = fresh_model()
+    start = snapshot(model.trainable, tmp_path)
+    with torch.no_grad():
+        for j, (_, p) in enumerate(model.trainable):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(j)) * 1e-3)
+    moved = [p.detach().clone() for _, p in model.trainable]
+    blocks = [[j] for j in range(len(model.trainable))]
+    monkeypatch.setattr(ferret, "SQUARES_CHUNK", 1000)  # ragged chunks on every tensor
+    norms = ferret._block_norms(model, start, blocks)
+    assert all(torch.equal(p, m) for (_, p), m in zip(model.trainable, moved))
+    with start.read(range(len(model.trainable))) as w0:
+        direct = [float(torch.linalg.vector_norm((p - w.to(p.dtype)).double())) for (_, p), w in zip(model.trainable, w0)]
+    np.testing.assert_allclose(norms, direct, rtol=1e-12)
+    bases = [basis_seeds(99 + j, 3) for j in range(len(blocks))]
+    gammas = ferret._block_coordinates(model, start, blocks, bases, "gaussian", 1.0)  # V^T w - V^T w_start
+    assert all(torch.equal(p, m) for (_, p), m in zip(model.trainable, moved))
+    with start.read(range(len(model.trainable))) as w0:
+        for (name, p), w, seeds, gamma in zip(model.trainable, w0, bases, gammas):  # V^T (w - w_start), formed
+            formed = coordinates([(name, p.detach() - w)], seeds, "gaussian")  # its elements rounded to float32
+            np.testing.assert_allclose(gamma, formed, rtol=1e-7, atol=1e-7 * np.abs(formed).max())
+    with torch.no_grad():
+        model.trainable[3][1].view(-1)[7] = float("nan")
+    with pytest.raises(FloatingPointError, match="diverged.*algorithm.lr"):
+        ferret._block_norms(model, start, blocks)

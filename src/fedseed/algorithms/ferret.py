@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 from pathlib import Path
@@ -624,30 +624,53 @@ def _buffered_steps(model: LocalModel, batches: Batches, cfg: FerretConfig) -> t
     return cfg.local_steps, skipped, losses
 
 
-def _deltas(model: LocalModel, start: BaseWeights, rows: Sequence[int]) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(row, w_after - w_start)`` in float32 for ``rows``, the start read back from disk a group at a time."""
-    for group in start.groups(rows):
-        with start.read(group) as saved:
-            for j, s in zip(group, saved):
-                d = model.trainable[j][1].detach().to(torch.float32) - s.to(torch.float32)
-                if not bool(torch.isfinite(d).all()):
-                    raise FloatingPointError("ferret: local training diverged (non-finite weights); lower `algorithm.lr`")
-                yield j, d
+SQUARES_CHUNK = 1 << 22  # elements of an update formed at a time for its norm (32 MB in float64)
+
+
+def _sum_of_squares(after: torch.Tensor, before: torch.Tensor) -> float:
+    """``sum((after - before)^2)``, the difference taken in float32 as stored and squared in float64, a chunk at a
+    time: neither the update nor a float64 copy of a whole tensor is ever formed."""
+    a, b = after.detach().reshape(-1), before.reshape(-1)
+    total = 0.0
+    for i in range(0, a.numel(), SQUARES_CHUNK):
+        d = a[i : i + SQUARES_CHUNK].to(torch.float32) - b[i : i + SQUARES_CHUNK].to(torch.float32)
+        total += float(d.double().square().sum())
+    return total
 
 
 def _block_norms(model: LocalModel, start: BaseWeights, blocks: list[list[int]]) -> np.ndarray:
-    """``||Delta_l||`` of every block (L,), without holding more than one block's update."""
-    return np.array([math.sqrt(sum(float(d.double().square().sum()) for _, d in _deltas(model, start, block)))
-                     for block in blocks])
+    """``||Delta_l||`` of every block (L,), the start read back from disk a group at a time.
+
+    Runs before any projection, so a non-finite weight stops the round here.
+    """
+    squares = np.zeros(len(blocks))
+    for l, block in enumerate(blocks):
+        for group in start.groups(block):
+            with start.read(group) as saved:
+                squares[l] += sum(_sum_of_squares(model.trainable[j][1], w) for j, w in zip(group, saved))
+    if not np.isfinite(squares).all():
+        raise FloatingPointError("ferret: local training diverged (non-finite weights); lower `algorithm.lr`")
+    return np.sqrt(squares)
 
 
 def _block_coordinates(model: LocalModel, start: BaseWeights, blocks: list[list[int]], bases: list[np.ndarray],
                        distribution: str, scale: float) -> list[np.ndarray]:
-    """``gamma_l`` of every block on its basis seeds, each block's update formed, projected and dropped in turn."""
+    """``gamma_l`` of every block on its basis seeds, as ``V^T w_after - V^T w_start``.
+
+    The projection is linear, so the update is never formed: the kernels read the
+    weights and the start (memory-mapped from disk, a group at a time) as they are
+    stored, and the two float64 projections are subtracted. The subtraction costs
+    float64 the digits by which the weights outsize the update (4 to 6 of its 16);
+    the reply keeps 7 (float32).
+    """
     out = []
     for block, block_bases in zip(blocks, bases):
-        named = [(model.trainable[j][0], d) for j, d in _deltas(model, start, block)]
-        out.append(coordinates(named, block_bases, distribution, scale))
+        gamma = coordinates([model.trainable[j] for j in block], block_bases, distribution, scale)
+        for group in start.groups(block):
+            with start.read(group) as saved:
+                gamma -= coordinates([(model.trainable[j][0], w) for j, w in zip(group, saved)], block_bases,
+                                     distribution, scale)
+        out.append(gamma)
     return out
 
 
