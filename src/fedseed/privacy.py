@@ -268,14 +268,15 @@ class Plan:
         def spent(r: int) -> float:
             return next(iter(self.spent(r, examples).values()))
 
-        if spent(rounds) <= s.max_epsilon:
+        total = spent(rounds)
+        if total <= s.max_epsilon:
             return
         fits, over = 0, rounds  # epsilon grows with rounds: bisect for the most that fit
         while over - fits > 1:
             mid = (fits + over) // 2
             fits, over = (mid, over) if spent(mid) <= s.max_epsilon else (fits, mid)
         raise PrivacyBudgetExceeded(
-            f"{rounds} rounds would spend epsilon {spent(rounds):.3g} > privacy.max_epsilon {s.max_epsilon} "
+            f"{rounds} rounds would spend epsilon {total:.3g} > privacy.max_epsilon {s.max_epsilon} "
             f"(delta {s.delta}); at most {fits} rounds fit. Lower federation.rounds, raise privacy.noise_multiplier "
             "or set privacy.target_epsilon instead")
 
