@@ -100,7 +100,8 @@ def clip_norms(contributions: Sequence[Contribution], factor: float) -> list[Con
         return list(contributions)
     norms = np.array([np.linalg.norm(c.rows) for c in contributions])
     bound = factor * float(np.median(norms))
-    return [Contribution(c.ids, c.rows * (bound / norm)) if norm > bound else c for c, norm in zip(contributions, norms)]
+    return [Contribution(c.ids, c.rows * (bound / norm)) if norm > bound else c
+            for c, norm in zip(contributions, norms)]
 
 
 def combine(contributions: Sequence[Contribution], weights: np.ndarray, rule: str,
