@@ -20,7 +20,8 @@ perturbation, restore and update) in the same run:
 * ``client``: one client round in a fresh process per (size, dtype): a sync that
   rebuilds from ``w0`` with ``--seeds`` per-seed totals, then ``--steps``
   zeroth-order steps on ``--seq``-token batches; its peak resident set against
-  inference, the step time against two plain forwards, the rebuild time per seed.
+  inference, the step time against two plain forwards of the same model (each step
+  timed beside its own pair of forwards; medians), the rebuild time per seed.
 
 Results: a table on stdout and ``results/client-scale-<device>.json`` (device
 name, date, load average, versions).
@@ -229,24 +230,27 @@ def timed(fn, n=1):
     sync_device(); t = time.perf_counter()
     for _ in range(n): fn()
     sync_device(); return (time.perf_counter() - t) / n
+def interleaved(forward, step):
+    # Medians of two plain forwards and of one step, timed back to back `steps` times. Timed apart,
+    # two forwards of the same model varied by 30% between runs on a quiet machine; side by side,
+    # both see the same state.
+    forward(); step()  # warm-up: first-call costs (allocator, kernels) are not a step's
+    pairs = [(2 * timed(forward), timed(step)) for _ in range(a["steps"])]
+    return float(np.median([f for f, _ in pairs])), float(np.median([s for _, s in pairs]))
 module, _ = load_model(a["folder"], dtype=a["dtype"], device=dev)
 rng = np.random.default_rng(0)
 seeds = rng.integers(1, 2**62, a["seeds"]).tolist()
 coeffs = (rng.standard_normal(a["seeds"]) * 1e-5).tolist()
 out = {}
-with torch.no_grad():
-    forward = timed(lambda: module(**batch).loss, 1)  # warm-up, then measured
-    out["two_forwards"] = 2 * timed(lambda: module(**batch).loss, a["repeat"])
 if a["impl"] == "fedseed":
     model = LocalModel.wrap(module, a["folder"])
     out["rebuild_per_seed"] = timed(lambda: model.rebuild_("rademacher", seeds, coeffs)) / len(seeds)
-    with Perturbation(model, "rademacher") as zo:
+    with Perturbation(model, "rademacher") as zo, torch.no_grad():
         def step(k=[0]):
             k[0] += 1
             plus, minus = zo.two_point(batch, 1000 + k[0], 1e-3)
             zo.defer([1000 + k[0]], [-1e-6 * (plus - minus) / 2e-3])
-        step()
-        out["zo_step"] = timed(step, a["steps"])
+        out["two_forwards"], out["zo_step"] = interleaved(lambda: float(module(**batch).loss), step)
     out["scratch_bytes"] = zo.scratch_bytes
 else:  # the official code's way: a deepcopy of the server model per client, torch.manual_seed + normal per tensor
     server = module
@@ -270,8 +274,7 @@ else:  # the official code's way: a deepcopy of the server model per client, tor
             add(s, 1e-3); plus = float(client(**batch).loss)
             add(s, -2e-3); minus = float(client(**batch).loss)
             add(s, 1e-3); add(s, -1e-6 * (plus - minus) / 2e-3)
-        step()
-        out["zo_step"] = timed(step, a["steps"])
+        out["two_forwards"], out["zo_step"] = interleaved(lambda: float(client(**batch).loss), step)
 if dev == "cuda":
     out["device_peak"] = torch.cuda.max_memory_allocated()
 print(json.dumps(out))
@@ -289,7 +292,7 @@ def bench_client(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
             for impl in ("fedseed", "reference"):
                 spec = {"folder": str(folder), "dtype": dtype, "device": args.device, "seq": args.seq,
                         "seeds": args.seeds if impl == "fedseed" else min(args.seeds, args.reference_seeds),
-                        "steps": args.steps, "repeat": args.repeat, "impl": impl}
+                        "steps": args.steps, "impl": impl}
                 peak, text = peak_of([sys.executable, "-c", CLIENT, json.dumps(spec)],
                                      env={"FEDSEED_CACHE": str(root / "cache")})
                 measured = json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
@@ -358,8 +361,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256, help="tokens per batch (and of the inference forward)")
     p.add_argument("--seeds", type=int, default=64, help="per-seed totals the client's sync rebuilds from")
     p.add_argument("--reference-seeds", type=int, default=16, help="seeds the reference's rebuild is timed on")
-    p.add_argument("--steps", type=int, default=3, help="zeroth-order steps timed")
-    p.add_argument("--repeat", type=int, default=2, help="forwards timed for the two-forward baseline")
+    p.add_argument("--steps", type=int, default=4, help="steps timed, each beside two plain forwards (medians)")
     p.add_argument("--models", default=str(Path.home() / ".cache" / "fedseed" / "bench-models"),
                    help="where the random-init model folders are built (once)")
     p.add_argument("--out", default=None)

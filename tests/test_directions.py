@@ -21,8 +21,8 @@ import torch
 from conftest import STORIES
 from fedseed import directions
 from fedseed.directions import DirectionSpace, cpu, gaussian_tables, random_matrix, tensor_id
-from fedseed.directions.generator import direction
-from fedseed.directions.precision import lost_fraction
+from fedseed.directions.generator import TENSOR_SALT, direction, mix64, stream
+from fedseed.directions.precision import lost_fraction, rounding_keys
 
 MODEL = STORIES
 DISTS = ("rademacher", "gaussian")
@@ -308,6 +308,27 @@ def test_perturb_into_with_an_update_is_the_update_then_the_perturbation(dtype):
                                                                         "rademacher"))).sum())
                          for (n, t), b in zip(named, before))
         assert 0 < rounded_up < 50_008  # stochastic: some up, some down
+
+
+@pytest.mark.parametrize("pert", [[21], [21, 22]])  # one seed: the fused step loop; two: the general path
+@pytest.mark.parametrize("dist", DISTS)
+def test_a_stochastic_bf16_update_rounds_with_the_bits_the_spec_gives(pert, dist):
+    """Rounding bits are ``mix64(rkey + counter(i))``, ``rkey`` hashed from every seed and coefficient of the call."""
+    gen = torch.Generator().manual_seed(10)
+    named = _named([(40_003,), (7,)], gen, torch.bfloat16)
+    before = [t.clone() for _, t in named]
+    out = [torch.empty_like(t) for _, t in named]
+    coeffs = [5e-3, -1e-3][:len(pert)]
+    DirectionSpace(named, dist, "stochastic").perturb_into(out, pert, coeffs, update=([20], [-4e-4]))
+    seeds = np.array([20, *pert], dtype=np.uint64)
+    tmix = np.array([mix64(tensor_id(n) ^ TENSOR_SALT) for n, _ in named], dtype=np.uint64)
+    rkeys = rounding_keys(seeds, np.array([-4e-4, *coeffs], dtype=np.float32), tmix)
+    for (name, t), b, o, rkey in zip(named, before, out, rkeys):
+        exact = _reference(b.float().numpy(), name, [20], [-4e-4], dist).reshape(-1)
+        r = stream(int(rkey), 0, exact.size) & np.uint64(0xFFFF)
+        want = ((exact.view(np.uint32).astype(np.uint64) + r) >> np.uint64(16)).astype(np.uint16)
+        assert np.array_equal(t.view(torch.int16).numpy().view(np.uint16).reshape(-1), want), name
+        assert torch.equal(o, torch.from_numpy(_reference(t.float().numpy(), name, pert, coeffs, dist)).bfloat16())
 
 
 def test_sixteen_bit_zo_steps_restore_exactly_with_perturb_into():
