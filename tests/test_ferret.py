@@ -17,6 +17,7 @@ import torch
 
 from conftest import assert_same_weights, fresh_model, method_config, method_run, replayed_server, sync_over_wire
 from fedseed import wire
+from fedseed.algorithms import ferret
 from fedseed.algorithms import EVALUATOR, InvalidReply
 from fedseed.algorithms.ferret import (
     Ferret,
@@ -370,10 +371,18 @@ def test_official_mode_trains_and_replays_bit_for_bit(tmp_path):
     assert_same_weights(model, exp.model)
 
 
+def test_a_gradient_is_checked_for_finiteness_a_chunk_at_a_time_to_its_last_element():
+    g = torch.zeros(ferret.SQUARES_CHUNK + 5, dtype=torch.bfloat16)
+    assert ferret._all_finite(g)
+    for where, value in [(-1, float("inf")), (0, float("nan")), (ferret.SQUARES_CHUNK, float("-inf"))]:
+        bad = g.clone()
+        bad[where] = value
+        assert not ferret._all_finite(bad.view(1, -1)), (where, value)
+
+
 def test_norms_and_coordinates_never_form_the_update_and_stop_a_diverged_round(tmp_path, monkeypatch):
     """Norms from float64 squares a chunk at a time, coordinates as ``V^T w - V^T w_start``: both equal the formed
     update's, the weights are untouched, and a non-finite weight stops the round by name."""
-    import fedseed.algorithms.ferret as ferret
     from fedseed.base_weights import snapshot
 
     model = fresh_model()
