@@ -266,9 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedseed.memory import return_freed_memory
-
-    return_freed_memory()
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -20,6 +20,7 @@ import torch
 
 from fedseed.algorithms.base import OPTIMIZERS, Batches, make_optimizer
 from fedseed.algorithms.dense import DenseAlgorithm, DenseTask, LocalRun
+from fedseed.memory import backward_memory
 from fedseed.models import LocalModel
 from fedseed.settings import ConfigError, check_choices, require_positive, setting
 
@@ -72,7 +73,7 @@ def first_order_steps(model: LocalModel, batches: Batches, cfg: FedAvgConfig) ->
     losses: list[float] = []
     skipped = 0
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), backward_memory():
             for _ in range(cfg.local_steps):
                 optimizer.zero_grad(set_to_none=True)
                 loss = _accumulate(model, batches, cfg.grad_accum)

@@ -48,6 +48,7 @@ from fedseed.algorithms.base import OPTIMIZERS, Algorithm, Batches, BaseReply, m
 from fedseed.algorithms.robust import Contribution, RobustSection, clip_norms, clip_values, combine
 from fedseed.directions import derive_seed, random_matrix
 from fedseed.privacy import Plan
+from fedseed.memory import backward_memory
 from fedseed.models import DIRTY, LocalModel, checkpointed_layers
 from fedseed.settings import ConfigError, check_choices, require_positive, setting
 from fedseed.wire import F32Array, U32, U64, UIntArray, message
@@ -261,7 +262,7 @@ class Subspace:
 
     def step(self, model: LocalModel, batch: dict[str, torch.Tensor]) -> float | None:
         """One optimizer step on the accumulators; the loss, or None when it or a gradient is not finite."""
-        with torch.enable_grad(), self.attached(), checkpointed_layers(model.module):
+        with torch.enable_grad(), backward_memory(), self.attached(), checkpointed_layers(model.module):
             loss = model.loss(batch)
             if not torch.isfinite(loss):
                 return None

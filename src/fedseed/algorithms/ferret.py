@@ -58,6 +58,7 @@ from fedseed.algorithms.robust import RobustSection, clip_norms, clip_values, wh
 from fedseed.base_weights import BaseWeights, consecutive_groups, snapshot
 from fedseed.directions import DISTRIBUTIONS, DirectionSpace, derive_seed
 from fedseed.privacy import Plan
+from fedseed.memory import backward_memory
 from fedseed.models import DIRTY, LocalModel, checkpointed_layers
 from fedseed.settings import ConfigError, check_choices, require_positive, setting
 from fedseed.wire import F32Array, F64Array, U32, U64, UIntArray, message
@@ -529,7 +530,7 @@ class Ferret(Algorithm):
         with tempfile.TemporaryDirectory(dir=model.cache_dir) as folder:
             start = snapshot(model.trainable, Path(folder))  # on disk: restored bit for bit below
             model.position = DIRTY
-            with torch.enable_grad(), checkpointed_layers(model.module):
+            with torch.enable_grad(), backward_memory(), checkpointed_layers(model.module):
                 steps, skipped, losses = _local_steps(model, batches, cfg)
             seed = client_seed(self.seed, task.round, task.client)
             bases = self._allocate(_block_norms(model, start, blocks))  # (L,)

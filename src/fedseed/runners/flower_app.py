@@ -20,19 +20,15 @@ client = ClientApp()
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
-    from fedseed.memory import return_freed_memory
     from fedseed.runners.flower_server import run_server
 
-    return_freed_memory()
     run_server(grid, context.run_config)
 
 
 @client.train()
 def train(msg: Message, context: Context) -> Message:
-    from fedseed.memory import return_freed_memory
     from fedseed.runners.flower_client import train_handler
 
-    return_freed_memory()
     return train_handler(msg, context)
 
 
