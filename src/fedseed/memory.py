@@ -25,15 +25,33 @@ FORWARD_THRESHOLD = 32 << 20  # the highest value glibc's own rule raises it to 
 T = TypeVar("T")
 
 
-def _mmap_threshold(nbytes: int) -> None:
+def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
         libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def _mmap_threshold(nbytes: int) -> None:
+    libc = _glibc()
+    if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, nbytes)
-        libc.malloc_trim(0)  # what the heap holds free goes back now
-    except (OSError, AttributeError):  # not glibc (musl): its allocator returns large blocks already
-        pass
+        libc.malloc_trim(0)
+
+
+def release_freed_memory() -> None:
+    """Give the blocks the heap holds free back to the system (glibc's ``malloc_trim``).
+
+    Forwards keep activation-sized blocks in the heap for the next forward;
+    between phases (an evaluation, a client's local training) those blocks are
+    resident set that the next phase may not reuse. Elsewhere this does nothing.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 @contextmanager

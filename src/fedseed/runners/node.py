@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedseed.memory import release_freed_memory
 from fedseed.runners.flower_config import NodeSettings, from_run_config
 from fedseed.runners.flower_records import Answer, Instruction, RecordError
 
@@ -150,6 +151,7 @@ class Node:
             NodeCache(node.cache_dir).restore(exp.model, order.run)
         elif not order.since and exp.model.position > 0:
             exp.model.position = DIRTY  # the server asks for a rebuild from the base (since = 0)
+        release_freed_memory()  # what the last round left free in the heap
         reply = algo.train(exp.model, exp.batches(order.round, order.client), task)
         if self.resident:
             position = max(exp.model.position, 0)

@@ -27,6 +27,7 @@ from fedseed.events import Events
 from fedseed.experiment import Experiment, sample_clients
 from fedseed.faults import HONEST, Uplink, uplinks
 from fedseed.ledger import FORMAT, Ledger, LedgerError, LedgerHeader, canonical_json
+from fedseed.memory import release_freed_memory
 from fedseed.models import DIRTY
 from fedseed.runfolder import RunFolder
 
@@ -213,6 +214,7 @@ def exchange(run: Run, rnd: Round, c: int, since: int, uplink: Uplink) -> Any | 
     task = rnd.server.task(round, c, since)
     down = wire.encode(task)
     rnd.result.downlink[c] = rnd.result.downlink.get(c, 0) + len(down)
+    release_freed_memory()  # what an evaluation or the last client left free in the heap
     reply = client.train(run.exp.model, run.exp.batches(round, c), wire.decode(down, client.Task))
     accepted = [accept(rnd, task, c, up) for up in uplink.frames(reply)]
     return next((r for r in accepted if r is not None), None)
