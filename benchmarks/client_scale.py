@@ -215,7 +215,10 @@ import numpy as np, torch
 from fedseed.models import LocalModel, load_model
 from fedseed.algorithms.fedkseed import FedKSeed, FedKSeedConfig, SeedTask
 from fedseed.algorithms.zeroth_order import Perturbation
+from fedseed.memory import set_forward_threshold
 a = json.loads(sys.argv[1])
+if a["impl"] == "fedseed":
+    set_forward_threshold()  # as fedseed's entry points do
 torch.manual_seed(0)
 dev = a["device"]
 ids = torch.randint(0, 512, (1, a["seq"]), device=dev)

@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedseed.memory import set_forward_threshold
+
+    set_forward_threshold()
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

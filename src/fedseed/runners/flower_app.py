@@ -20,15 +20,19 @@ client = ClientApp()
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
+    from fedseed.memory import set_forward_threshold
     from fedseed.runners.flower_server import run_server
 
+    set_forward_threshold()
     run_server(grid, context.run_config)
 
 
 @client.train()
 def train(msg: Message, context: Context) -> Message:
+    from fedseed.memory import set_forward_threshold
     from fedseed.runners.flower_client import train_handler
 
+    set_forward_threshold()
     return train_handler(msg, context)
 
 
