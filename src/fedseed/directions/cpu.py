@@ -35,15 +35,15 @@ jitted function lives here. The constants of ``gaussian_tables.py`` are frozen i
 the compiled kernels; they are part of the definition of a direction and never
 change (whoever changes them must delete ``__pycache__``).
 
-Threads: calls with little work run on the calling thread (the ``*_serial``
-kernels): waking a pool costs more than they do. Larger calls run on numba's
-OpenMP layer where it loads, else on its ``workqueue`` layer
-(``NUMBA_THREADING_LAYER`` overrides). The kernels run between torch's
-operators, whose OpenMP threads keep spinning for a while after each one; the
-workqueue layer's two workers then share a core with a spinning thread, while the
-OpenMP layer works on the calling thread and one worker. At 1.1B parameters a
-zeroth-order step took 7-10% less time on the OpenMP layer, and its kernels about
-40% less (``benchmarks/README.md``). The kernels hold the GIL, so calls never overlap.
+Threads: numba's OpenMP layer busy-waits between parallel regions; on a machine
+whose cores are shared (with torch's own OpenMP pool, or other processes) we
+measured a call that needs 0.1 ms of work take 8 ms. Unless ``NUMBA_THREADING_LAYER`` says
+otherwise, the kernels use numba's ``workqueue`` layer, whose idle threads sleep.
+On the OpenMP layer a 1.1B step's kernels ran 40-60% faster (torch's spinning
+threads crowd the workqueue's), but a run's ledger then differed from a replay of
+it in another process (``test_crash``, in the full suite): not used until that is
+understood. The kernels hold the GIL, so calls never overlap (the workqueue layer
+forbids it). Calls with little work run on the calling thread (the ``*_serial`` kernels).
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ from numba.extending import intrinsic
 from fedseed.directions import gaussian_tables as gt
 from fedseed.directions.generator import GOLDEN, MIX1, MIX2
 
-if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
-    numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]  # type: ignore[attr-defined]
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
 _GOLDEN = np.uint64(GOLDEN)
 _MIX1 = np.uint64(MIX1)
 _MIX2 = np.uint64(MIX2)
