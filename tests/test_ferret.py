@@ -372,9 +372,9 @@ def test_official_mode_trains_and_replays_bit_for_bit(tmp_path):
 
 
 def test_a_gradient_is_checked_for_finiteness_a_chunk_at_a_time_to_its_last_element():
-    g = torch.zeros(ferret.SQUARES_CHUNK + 5, dtype=torch.bfloat16)
+    g = torch.zeros(ferret.CHUNK + 5, dtype=torch.bfloat16)
     assert ferret._all_finite(g)
-    for where, value in [(-1, float("inf")), (0, float("nan")), (ferret.SQUARES_CHUNK, float("-inf"))]:
+    for where, value in [(-1, float("inf")), (0, float("nan")), (ferret.CHUNK, float("-inf"))]:
         bad = g.clone()
         bad[where] = value
         assert not ferret._all_finite(bad.view(1, -1)), (where, value)
@@ -392,7 +392,7 @@ def test_norms_and_coordinates_never_form_the_update_and_stop_a_diverged_round(t
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(j)) * 1e-3)
     moved = [p.detach().clone() for _, p in model.trainable]
     blocks = [[j] for j in range(len(model.trainable))]
-    monkeypatch.setattr(ferret, "SQUARES_CHUNK", 1000)  # ragged chunks on every tensor
+    monkeypatch.setattr(ferret, "CHUNK", 1000)  # ragged chunks on every tensor
     norms = ferret._block_norms(model, start, blocks)
     assert all(torch.equal(p, m) for (_, p), m in zip(model.trainable, moved))
     with start.read(range(len(model.trainable))) as w0:

@@ -10,6 +10,7 @@ where methods differ: activations, gradients, optimizer state, temporaries.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ FORWARD_THRESHOLD = 16 << 20  # a layer's activations reuse the heap; a model's 
 T = TypeVar("T")
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
@@ -39,7 +41,7 @@ def _mmap_threshold(nbytes: int) -> None:
     libc = _glibc()
     if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, nbytes)
-        libc.malloc_trim(0)
+    release_freed_memory()
 
 
 def set_forward_threshold() -> None:

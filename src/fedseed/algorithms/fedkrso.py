@@ -262,7 +262,7 @@ class Subspace:
 
     def step(self, model: LocalModel, batch: dict[str, torch.Tensor]) -> float | None:
         """One optimizer step on the accumulators; the loss, or None when it or a gradient is not finite."""
-        with torch.enable_grad(), backward_memory(), self.attached(), checkpointed_layers(model.module):
+        with torch.enable_grad(), self.attached(), checkpointed_layers(model.module):
             loss = model.loss(batch)
             if not torch.isfinite(loss):
                 return None
@@ -412,17 +412,18 @@ class FedKRSO(Algorithm):
         used: dict[int, list[torch.Tensor]] = {}  # seed index -> summed B_k, (m, r) per matrix
         skipped, losses = 0, []
         model.position = DIRTY
-        for first in range(0, cfg.local_steps, cfg.interval):
-            k = cfg.first_id(task.round) + int(rng.integers(cfg.num_seeds))
-            subspace = Subspace(mats, self.seed_of(k), cfg)
-            for _ in range(min(cfg.interval, cfg.local_steps - first)):
-                loss = subspace.step(model, next(batches))
-                if loss is None:
-                    skipped += 1
-                else:
-                    losses.append(loss)
-            folded = subspace.fold_()
-            used[k] = [a + b for a, b in zip(used[k], folded)] if k in used else folded
+        with backward_memory():
+            for first in range(0, cfg.local_steps, cfg.interval):
+                k = cfg.first_id(task.round) + int(rng.integers(cfg.num_seeds))
+                subspace = Subspace(mats, self.seed_of(k), cfg)
+                for _ in range(min(cfg.interval, cfg.local_steps - first)):
+                    loss = subspace.step(model, next(batches))
+                    if loss is None:
+                        skipped += 1
+                    else:
+                        losses.append(loss)
+                folded = subspace.fold_()
+                used[k] = [a + b for a, b in zip(used[k], folded)] if k in used else folded
         ids = sorted(used)
         values = torch.cat([b.reshape(-1).cpu() for k in ids for b in used[k]]).numpy()
         if not np.isfinite(values).all():

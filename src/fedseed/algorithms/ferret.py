@@ -625,18 +625,18 @@ def _buffered_steps(model: LocalModel, batches: Batches, cfg: FerretConfig) -> t
     return cfg.local_steps, skipped, losses
 
 
-SQUARES_CHUNK = 1 << 22  # elements of an update formed at a time for its norm (32 MB in float64)
+CHUNK = 1 << 22  # elements checked, or of an update formed for its norm, at a time (32 MB in float64)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    """Whether every element is finite, ``SQUARES_CHUNK`` elements at a time.
+    """Whether every element is finite, ``CHUNK`` elements at a time.
 
     ``torch.isfinite`` of a whole 16-bit gradient builds its absolute value and two
     boolean masks, three temporaries of the gradient's size: for the 1.1B model's
     output matrix 300 MB, which was most of a local step's peak above inference.
     """
     flat = t.detach().reshape(-1)
-    return all(bool(torch.isfinite(flat[i : i + SQUARES_CHUNK]).all()) for i in range(0, flat.numel(), SQUARES_CHUNK))
+    return all(bool(torch.isfinite(flat[i : i + CHUNK]).all()) for i in range(0, flat.numel(), CHUNK))
 
 
 def _sum_of_squares(after: torch.Tensor, before: torch.Tensor) -> float:
@@ -644,8 +644,8 @@ def _sum_of_squares(after: torch.Tensor, before: torch.Tensor) -> float:
     time: neither the update nor a float64 copy of a whole tensor is ever formed."""
     a, b = after.detach().reshape(-1), before.reshape(-1)
     total = 0.0
-    for i in range(0, a.numel(), SQUARES_CHUNK):
-        d = a[i : i + SQUARES_CHUNK].to(torch.float32) - b[i : i + SQUARES_CHUNK].to(torch.float32)
+    for i in range(0, a.numel(), CHUNK):
+        d = a[i : i + CHUNK].to(torch.float32) - b[i : i + CHUNK].to(torch.float32)
         total += float(d.double().square().sum())
     return total
 
