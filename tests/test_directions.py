@@ -103,6 +103,38 @@ def test_results_do_not_depend_on_threads(dist, monkeypatch):
         assert np.array_equal(projection, results[0][1])
 
 
+LAYER_PROBE = textwrap.dedent("""
+    import numba, torch
+    from fedseed.directions import DirectionSpace
+    torch.set_num_threads(1)
+    a, b = torch.randn(257, 4099, generator=torch.Generator().manual_seed(0)), torch.randn(4099, 513)
+    before = (a @ b).sum().item()
+    DirectionSpace([("w", torch.zeros(1 << 22))]).add_([1, 2], [0.5, -0.5])  # parallel: 8M generated elements
+    print(numba.threading_layer(), torch.get_num_threads(), before == (a @ b).sum().item())
+""")
+
+
+@pytest.mark.parametrize("layer", ["", "omp", "workqueue"])
+def test_a_parallel_kernel_leaves_torch_on_its_thread_count(layer):
+    """numba's OpenMP layer sets the caller's OpenMP thread count, which torch reads: it must be put back.
+
+    Otherwise a run pinned to one torch thread reduces with two after its first kernel
+    call, and its ledger differs from a replay of it in a fresh process.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    if layer:
+        env["NUMBA_THREADING_LAYER"] = layer
+    out = subprocess.run([sys.executable, "-c", LAYER_PROBE], capture_output=True, text=True, env=env, timeout=300)
+    if layer == "omp" and "No threading layer could be loaded" in out.stderr:
+        pytest.skip("numba's OpenMP layer is not available here")
+    assert out.returncode == 0, out.stderr
+    used, threads, same = out.stdout.split()
+    if layer:
+        assert used == layer
+    else:
+        assert used in ("omp", "workqueue")  # the OpenMP layer wherever it loads
+    assert (threads, same) == ("1", "True")
+
 @pytest.mark.parametrize("dist", DISTS)
 def test_project_equals_dot_with_materialized_directions(dist):
     gen = torch.Generator().manual_seed(3)

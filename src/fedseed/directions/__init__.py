@@ -244,9 +244,11 @@ class DirectionSpace:
             table[:, cpu.RKEY] = rounding_keys(seeds, coeffs, tmix).view(np.int64)
         gaussian = self.distribution == "gaussian"
         passes = seeds.size + (out is not None)  # generated elements per weight, as the work estimate
-        kernel = cpu.add_directions if _parallel(table[:, cpu.NUMEL], passes, gaussian) else cpu.add_directions_serial
+        parallel = _parallel(table[:, cpu.NUMEL], passes, gaussian)
+        kernel = cpu.add_directions if parallel else cpu.add_directions_serial
         with torch.no_grad():
-            kernel(table, cpu.work_starts(table[:, cpu.NUMEL], cpu.CHUNK), seeds, coeffs, split, gaussian, stochastic)
+            _call(parallel, kernel, table, cpu.work_starts(table[:, cpu.NUMEL], cpu.CHUNK), seeds, coeffs, split,
+                  gaussian, stochastic)
         del keep
 
     def _add_converted(self, j: int, seeds: np.ndarray, coeffs: np.ndarray, base: Sequence[torch.Tensor] | None):
@@ -265,14 +267,33 @@ class DirectionSpace:
         table[:, cpu.P_TMIX] = self._tmix[rows].view(np.int64)
         starts = cpu.work_starts(table[:, cpu.P_NUMEL], cpu.PROJECT_CHUNK)
         gaussian = self.distribution == "gaussian"
-        kernel = cpu.project if _parallel(table[:, cpu.P_NUMEL], seeds.size, gaussian) else cpu.project_serial
+        parallel = _parallel(table[:, cpu.P_NUMEL], seeds.size, gaussian)
+        kernel = cpu.project if parallel else cpu.project_serial
         total = np.zeros(seeds.size, dtype=np.float64)
         per_call = max(1, _PROJECT_PARTIAL_BYTES // (8 * seeds.size))
         for first in range(0, int(starts[-1]), per_call):
             partial = np.empty((min(per_call, int(starts[-1]) - first), seeds.size), dtype=np.float64)
-            kernel(table, starts, first, seeds, gaussian, partial)
+            _call(parallel, kernel, table, starts, first, seeds, gaussian, partial)
             total += partial.sum(axis=0)
         return total
+
+
+def _call(parallel: bool, kernel, *args) -> None:
+    """Run a kernel; a parallel one on numba's OpenMP layer leaves torch's thread count as it found it.
+
+    That layer sets the caller's OpenMP thread count to numba's, and torch reads the
+    same setting: a process pinned to one torch thread would reduce with two after
+    the first call, and its floats would differ from a fresh process's.
+    """
+    if not parallel:
+        kernel(*args)
+        return
+    threads = torch.get_num_threads()
+    try:
+        kernel(*args)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def _parallel(numel: np.ndarray, num_seeds: int, gaussian: bool) -> bool:

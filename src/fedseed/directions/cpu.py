@@ -35,20 +35,20 @@ jitted function lives here. The constants of ``gaussian_tables.py`` are frozen i
 the compiled kernels; they are part of the definition of a direction and never
 change (whoever changes them must delete ``__pycache__``).
 
-Threads: numba's OpenMP layer busy-waits between parallel regions; on a machine
-whose cores are shared (with torch's own OpenMP pool, or other processes) we
-measured a call that needs 0.1 ms of work take 8 ms. Unless ``NUMBA_THREADING_LAYER`` says
-otherwise, the kernels use numba's ``workqueue`` layer, whose idle threads sleep.
-On the OpenMP layer a 1.1B step's kernels ran 40-60% faster (torch's spinning
-threads crowd the workqueue's), but a run's ledger then differed from a replay of
-it in another process (``test_crash``, in the full suite): not used until that is
-understood. The kernels hold the GIL, so calls never overlap (the workqueue layer
-forbids it). Calls with little work run on the calling thread (the ``*_serial`` kernels).
+Threads: the kernels prefer numba's OpenMP layer. They run between torch's operators,
+whose OpenMP threads keep spinning for a while after each one; numba's workqueue
+threads then share the cores with them, and a 1.1B step's kernels took 1.6-2.6x as
+long there. The OpenMP layer sets the calling thread's OpenMP thread count to numba's
+for each parallel call, and torch reads that same setting: the caller
+(``DirectionSpace``) puts torch's count back, or a run pinned to one torch thread
+would do its next reductions with two and differ from its own replay in a fresh
+process. GNU OpenMP's idle threads also spin, so calls with little work run on the
+calling thread (the ``*_serial`` kernels): woken, two threads took 8 ms for 0.1 ms of
+work. ``NUMBA_THREADING_LAYER`` still chooses the layer where it is set. The kernels
+hold the GIL, so calls never overlap (the workqueue layer forbids it).
 """
 
 from __future__ import annotations
-
-import os
 
 import numba
 import numpy as np
@@ -59,8 +59,7 @@ from numba.extending import intrinsic
 from fedseed.directions import gaussian_tables as gt
 from fedseed.directions.generator import GOLDEN, MIX1, MIX2
 
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
+numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]  # type: ignore[attr-defined]
 _GOLDEN = np.uint64(GOLDEN)
 _MIX1 = np.uint64(MIX1)
 _MIX2 = np.uint64(MIX2)
