@@ -50,7 +50,7 @@ def small_config(output_dir: Path, algorithm: dict[str, Any] | None = None, **se
         "data": {"dataset": "dolly", "path": str(DOLLY), "holdout": "summarization", "max_length": 512,
                  "max_train_examples": 300},
         "federation": {"num_clients": 6, "clients_per_round": 2, "rounds": 3},
-        "algorithm": algorithm or {"name": "fedkseed", "num_seeds": 256, "local_steps": 30, "lr": 1e-4, "eps": 1e-3},
+        "algorithm": algorithm or {"name": "fedkseed", "num_seeds": 256, "local_steps": 30, "lr": 5e-5, "eps": 1e-3},
         "eval": {"loss_examples": 24, "generate_examples": 4, "max_new_tokens": 8, "batch_size": 8},
     }
     for name, table in sections.items():

@@ -21,8 +21,8 @@ import torch
 from conftest import STORIES
 from fedseed import directions
 from fedseed.directions import DirectionSpace, cpu, gaussian_tables, random_matrix, tensor_id
-from fedseed.directions.generator import TENSOR_SALT, direction, mix64, stream
-from fedseed.directions.precision import lost_fraction, rounding_keys
+from fedseed.directions.generator import TENSOR_SALT, direction, mix64
+from fedseed.directions.precision import lost_fraction, rounding_bits, rounding_keys
 
 MODEL = STORIES
 DISTS = ("rademacher", "gaussian")
@@ -342,25 +342,39 @@ def test_perturb_into_with_an_update_is_the_update_then_the_perturbation(dtype):
         assert 0 < rounded_up < 50_008  # stochastic: some up, some down
 
 
+def _stochastic_spec(exact: np.ndarray, r: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """16-bit bits of float32 ``exact`` rounded stochastically with the 16-bit fields ``r`` (finite inputs)."""
+    b = exact.view(np.uint32).astype(np.uint64)
+    if dtype == torch.bfloat16:
+        return ((b + r) >> np.uint64(16)).astype(np.uint16)
+    sign = (b >> np.uint64(16)) & np.uint64(0x8000)
+    a = b & np.uint64(0x7FFFFFFF)
+    normal = np.minimum((a + (r & np.uint64(0x1FFF)) - np.uint64(0x38000000)) >> np.uint64(13), np.uint64(0x7C00))
+    tiny = (np.abs(exact).astype(np.float64) * 2.0**24 + r.astype(np.float64) * 2.0**-16).astype(np.uint64)
+    return (np.where(a < np.uint64(0x38800000), tiny, normal) | sign).astype(np.uint16)
+
+
 @pytest.mark.parametrize("pert", [[21], [21, 22]])  # one seed: the fused step loop; two: the general path
 @pytest.mark.parametrize("dist", DISTS)
-def test_a_stochastic_bf16_update_rounds_with_the_bits_the_spec_gives(pert, dist):
-    """Rounding bits are ``mix64(rkey + counter(i))``, ``rkey`` hashed from every seed and coefficient of the call."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_stochastic_16bit_update_rounds_with_the_bits_the_spec_gives(pert, dist, dtype):
+    """Element ``i`` rounds with 16 bits of ``rkey``'s stream, four to a hash; ``rkey`` hashes the whole call."""
     gen = torch.Generator().manual_seed(10)
-    named = _named([(40_003,), (7,)], gen, torch.bfloat16)
+    named = _named([(40_003,), (7,)], gen, dtype)
+    named[0][1][:4000] *= 2.0**-20  # float16 subnormals: the rounding's other branch
     before = [t.clone() for _, t in named]
     out = [torch.empty_like(t) for _, t in named]
     coeffs = [5e-3, -1e-3][:len(pert)]
-    DirectionSpace(named, dist, "stochastic").perturb_into(out, pert, coeffs, update=([20], [-4e-4]))
+    DirectionSpace(named, dist, "stochastic").perturb_into(out, pert, coeffs, update=([20], [-4e-8]))
     seeds = np.array([20, *pert], dtype=np.uint64)
     tmix = np.array([mix64(tensor_id(n) ^ TENSOR_SALT) for n, _ in named], dtype=np.uint64)
-    rkeys = rounding_keys(seeds, np.array([-4e-4, *coeffs], dtype=np.float32), tmix)
+    rkeys = rounding_keys(seeds, np.array([-4e-8, *coeffs], dtype=np.float32), tmix)
     for (name, t), b, o, rkey in zip(named, before, out, rkeys):
-        exact = _reference(b.float().numpy(), name, [20], [-4e-4], dist).reshape(-1)
-        r = stream(int(rkey), 0, exact.size) & np.uint64(0xFFFF)
-        want = ((exact.view(np.uint32).astype(np.uint64) + r) >> np.uint64(16)).astype(np.uint16)
+        exact = _reference(b.float().numpy(), name, [20], [-4e-8], dist).reshape(-1)
+        want = _stochastic_spec(exact, rounding_bits(int(rkey), exact.size), dtype)
         assert np.array_equal(t.view(torch.int16).numpy().view(np.uint16).reshape(-1), want), name
-        assert torch.equal(o, torch.from_numpy(_reference(t.float().numpy(), name, pert, coeffs, dist)).bfloat16())
+        assert torch.equal(o, torch.from_numpy(_reference(t.float().numpy(), name, pert, coeffs, dist)).to(dtype))
+    assert not torch.equal(named[0][1], before[0])  # the update moved some weights
 
 
 def test_sixteen_bit_zo_steps_restore_exactly_with_perturb_into():

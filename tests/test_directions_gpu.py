@@ -138,6 +138,13 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             cuda.add_directions(sb, rows, seeds, coeffs, 1, None, out_b)
             assert all(t._same_bits(x, y) for (_, x), (_, y) in zip(a, b)), ("update", dist, dtype, precision)
             assert all(t._same_bits(x, y) for x, y in zip(out_a, out_b)), ("perturbed", dist, dtype, precision)
+            tiny = (torch.randn(shapes[5], generator=gen) * 2.0**-20).to(dtype)  # float16 subnormals
+            a[5][1].copy_(tiny)
+            b[5][1].copy_(tiny)
+            sa.perturb_into(out_a, seeds[2:], coeffs[2:], update=(seeds[1:2], [-3e-8]))  # a ZO step: the fused loop
+            cuda.add_directions(sb, rows, seeds[1:], np.array([-3e-8, coeffs[2]], dtype=np.float32), 1, None, out_b)
+            assert all(t._same_bits(x, y) for (_, x), (_, y) in zip(a, b)), ("step", dist, dtype, precision)
+            assert all(t._same_bits(x, y) for x, y in zip(out_a, out_b)), ("step", dist, dtype, precision)
         d = [(f"d{i}", torch.randn(s, generator=gen)) for i, s in enumerate(shapes)]
         space = DirectionSpace(d, dist)
         np.testing.assert_allclose(cuda.project(space, list(range(len(d))), seeds), space.project(seeds), rtol=1e-12)

@@ -25,7 +25,7 @@ from fedseed.models import LocalModel, load_model
 
 pytestmark = pytest.mark.slow
 
-FEDKSEED = {"name": "fedkseed", "num_seeds": 64, "local_steps": 8, "lr": 1e-4, "eps": 1e-3}
+FEDKSEED = {"name": "fedkseed", "num_seeds": 64, "local_steps": 8, "lr": 5e-5, "eps": 1e-3}
 REJECTED = {  # attack -> what the rejection says
     "nan": "non-finite value",
     "out-of-pool": "outside the pool",

@@ -20,7 +20,7 @@ def test_fedkseed_lowers_heldout_loss(fedkseed_run):
     rows = folder.metrics()
     losses = [r["eval_loss"] for r in rows]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
-    assert losses[-1] < losses[0] - 0.05, losses  # measured: 4.54 -> 4.40
+    assert losses[-1] < losses[0] - 0.05, losses  # measured: 4.92 -> 4.85 (seeds 1 and 3: -0.36, -0.24)
     assert "rouge_l" in rows[0] and "rouge_l" in rows[-1]
 
 

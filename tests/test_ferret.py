@@ -35,7 +35,7 @@ from fedseed.algorithms.ferret import (
 from fedseed.algorithms.robust import RobustSection
 from fedseed.config import ConfigError
 from fedseed.directions import DirectionSpace
-from fedseed.directions.generator import values
+from fedseed.directions.generator import gaussian_values
 from fedseed.experiment import Experiment
 from fedseed.ledger import Ledger
 from fedseed.runfolder import RunFolder
@@ -188,7 +188,7 @@ def test_relative_error_shrinks_as_the_bases_grow():
 def test_rho_is_the_second_moment_of_the_generators_gaussian():
     grid, squares, cosines = 1 << 24, 0.0, 0.0
     for part in np.array_split(np.arange(grid, dtype=np.uint64), 8):  # every point of the 2^24 grid
-        radial = values(part << np.uint64(40), "gaussian").astype(np.float64)  # u2 = 0: v = sqrt(-2 ln u1)
+        radial = gaussian_values(part << np.uint64(40)).astype(np.float64)  # u2 = 0: v = sqrt(-2 ln u1)
         squares += float(np.sum(radial**2))
         cosines += float(np.sum(np.cos(2 * np.pi * part.astype(np.float64) / grid) ** 2))
     assert abs(second_moment("gaussian") - (squares / grid) * (cosines / grid)) < 1e-7

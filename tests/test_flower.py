@@ -409,7 +409,7 @@ def test_the_task_is_decoded_and_checked_before_any_model_is_loaded(tmp_path):
     node = nodes(1, tmp_path, rc)[NODE_BASE]
     node.node_config["model.name_or_path"] = str(tmp_path / "no-such-model")  # loading it would fail
     with pytest.raises(wire.WireError, match="SeedTask.seed_ids: truncated"):
-        flower_app.client(_instruction(b"FS\x01\x0a" + b"\x01\x00\x00\x00" * 2 + b"\xff"), node)
+        flower_app.client(_instruction(b"FS" + bytes([wire.VERSION]) + b"\x0a" + b"\x01\x00\x00\x00" * 2 + b"\xff"), node)
     conf = load_config(cfg)
     other_round = wire.encode(build_algorithm(conf.algorithm, conf.run.seed).task(2, 0, 0))
     with pytest.raises(RecordError, match="the task is for round 2 client 0, its record says round 1 client 0"):

@@ -35,7 +35,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fedseed.algorithms  # noqa: F401  (registers every method's task, reply and update)
+import fedseed.algorithms.registry  # noqa: F401  (imports, so registers, every method's task, reply and update)
 import fedseed.ledger  # noqa: F401  (registers LedgerHeader)
 from fedseed import wire
 

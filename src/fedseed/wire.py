@@ -32,7 +32,9 @@ from typing import Annotated, Any, TypeVar
 import numpy as np
 
 MAGIC = b"FS"
-VERSION = 1
+# 2: Rademacher signs eight elements to a hash, rounding bits four (see docs/directions.md). A seed names a
+# different direction in each version, so frames and ledgers of another version are refused, not misread.
+VERSION = 2
 MAX_ARRAY = 1 << 31  # elements; a larger count is a corrupt or hostile frame
 
 

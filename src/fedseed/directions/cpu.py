@@ -50,6 +50,8 @@ hold the GIL, so calls never overlap (the workqueue layer forbids it).
 
 from __future__ import annotations
 
+import sys
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -59,6 +61,8 @@ from numba.extending import intrinsic
 from fedseed.directions import gaussian_tables as gt
 from fedseed.directions.generator import GOLDEN, MIX1, MIX2
 
+if sys.byteorder != "little":  # the kernels read Rademacher signs and rounding bits through byte views
+    raise ImportError("fedseed's CPU kernels need a little-endian machine")
 numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]  # type: ignore[attr-defined]
 _GOLDEN = np.uint64(GOLDEN)
 _MIX1 = np.uint64(MIX1)
@@ -140,9 +144,22 @@ def counter(i):
 
 
 @numba.njit(cache=True)
-def rademacher(x, c):
-    """``c * (+1 or -1)`` from the top bit of ``x`` (exact: a sign flip)."""
-    return -c if (x >> np.uint64(63)) != np.uint64(0) else c
+def hashes(words, key, first, count):
+    """``words[:count]`` = the stream of ``key`` at positions ``first .. first+count-1``.
+
+    Rademacher signs take a byte of these each and rounding bits two bytes: the
+    element loops then read them through a byte view of ``words`` (little-endian,
+    as every machine numba targets), which vectorises where a per-element shift
+    of a shared word would not.
+    """
+    for q in range(count):
+        words[q] = mix64(key + counter(first + q))
+
+
+@numba.njit(cache=True)
+def rademacher(b, c):
+    """``c * (+1 or -1)`` from the top bit of the byte ``b`` (exact: a sign flip)."""
+    return -c if (np.uint32(b) >> np.uint32(7)) != np.uint32(0) else c
 
 
 # -- portable Gaussian ---------------------------------------------------------------
@@ -296,9 +313,9 @@ def f32_to_bf16(v):
 
 @numba.njit(cache=True)
 def f32_to_bf16_stochastic(v, r):
-    """Round up with probability (dropped bits) / 2^16, using the low 16 bits of ``r``."""
+    """Round up with probability (dropped bits) / 2^16, using the 16 bits ``r``."""
     b = f32_bits(v)
-    rounded = (b + np.uint32(r & np.uint64(0xFFFF))) >> np.uint32(16)
+    rounded = (b + np.uint32(r)) >> np.uint32(16)
     nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
     return np.uint16(np.uint32(0x7FC0) if nan else rounded)
 
@@ -319,12 +336,16 @@ def f32_to_f16(v):
 
 @numba.njit(cache=True)
 def f32_to_f16_stochastic(v, r):
-    """Round up with probability proportional to the dropped bits, using ``r``'s bits."""
+    """Round up with probability proportional to the dropped bits, using the 16 bits ``r``.
+
+    A normal result drops 13 bits and takes ``r``'s low 13; a subnormal one adds
+    ``u = r / 2^16`` to its value in units of the smallest subnormal.
+    """
     b = f32_bits(v)
     sign = (b >> np.uint32(16)) & np.uint32(0x8000)
     a = b & np.uint32(0x7FFFFFFF)
-    normal = (a + np.uint32(r & np.uint64(0x1FFF)) - np.uint32(0x38000000)) >> np.uint32(13)
-    u = np.float64(np.int64(r >> np.uint64(40))) * 2.0**-24
+    normal = (a + (np.uint32(r) & np.uint32(0x1FFF)) - np.uint32(0x38000000)) >> np.uint32(13)
+    u = np.float64(np.uint32(r)) * 2.0**-16
     tiny = np.uint32(np.int64(np.float64(bits_f32(a)) * 2.0**24 + u))
     h = tiny if a < np.uint32(0x38800000) else min(normal, np.uint32(0x7C00))
     h = np.uint32(0x7E00) if a > np.uint32(0x7F800000) else h
@@ -359,8 +380,12 @@ def _keys(seeds, tmix):
 
 
 @numba.njit(cache=True)
-def _accumulate(acc, ig, m, keys, coeffs, is_gaussian, g, doubtful):
-    """``acc[:m] += sum_k coeffs[k] * D(keys[k])`` in seed order (the branch is outside the loops)."""
+def _accumulate(acc, lo, m, keys, coeffs, is_gaussian, ig, g, doubtful, words):
+    """``acc[:m] += sum_k coeffs[k] * D(keys[k])`` over elements ``lo ..`` in seed order.
+
+    ``ig`` holds the elements' counters (Gaussians); ``words`` is scratch for the
+    Rademacher hashes, eight elements each (``lo`` is a multiple of 8).
+    """
     if is_gaussian:
         for k in range(keys.size):
             gaussians(g, ig, m, keys[k], doubtful)
@@ -368,10 +393,12 @@ def _accumulate(acc, ig, m, keys, coeffs, is_gaussian, g, doubtful):
             for j in range(m):
                 acc[j] += c * g[j]
     else:
+        signs = words.view(np.uint8)
         for k in range(keys.size):
-            key, c = keys[k], coeffs[k]
+            hashes(words, keys[k], lo // 8, (m + 7) // 8)
+            c = coeffs[k]
             for j in range(m):
-                acc[j] += rademacher(mix64(key + ig[j]), c)
+                acc[j] += rademacher(signs[j], c)
 
 
 @numba.njit(cache=True)
@@ -392,23 +419,30 @@ def _add_source(acc, m, lo, address, kind):
 
 
 @numba.njit(cache=True)
-def _store(acc, ig, m, lo, address, kind, stochastic, rkey):
-    """Write ``acc[:m]`` to ``out[lo:lo+m]``: round to nearest even, or stochastically with ``rkey``."""
+def _store(acc, m, lo, address, kind, stochastic, rkey, words):
+    """Write ``acc[:m]`` to ``out[lo:lo+m]``: round to nearest even, or stochastically with ``rkey``.
+
+    Stochastic rounding bits are 16 per element, four elements to a hash of
+    ``rkey``'s stream (``lo`` is a multiple of 4); ``words`` is their scratch.
+    """
     if kind == F32:
         out = numba.carray(ptr_f32(address + 4 * lo), m)
         for j in range(m):
             out[j] = acc[j]
         return
     out16 = numba.carray(ptr_u16(address + 2 * lo), m)
+    bits = words.view(np.uint16)
+    if stochastic:
+        hashes(words, rkey, lo // 4, (m + 3) // 4)
     if kind == BF16 and stochastic:
         for j in range(m):
-            out16[j] = f32_to_bf16_stochastic(acc[j], mix64(rkey + ig[j]))
+            out16[j] = f32_to_bf16_stochastic(acc[j], bits[j])
     elif kind == BF16:
         for j in range(m):
             out16[j] = f32_to_bf16(acc[j])
     elif stochastic:
         for j in range(m):
-            out16[j] = f32_to_f16_stochastic(acc[j], mix64(rkey + ig[j]))
+            out16[j] = f32_to_f16_stochastic(acc[j], bits[j])
     else:
         for j in range(m):
             out16[j] = f32_to_f16(acc[j])
@@ -416,52 +450,60 @@ def _store(acc, ig, m, lo, address, kind, stochastic, rkey):
 
 @numba.njit(cache=True)
 def _rademacher_step(first, last, out, kind, pert, keys, coeffs, split, stochastic, rkey):
-    """A zeroth-order step's pass, ``split`` (0 or 1) update seeds and one perturbation seed: one loop.
+    """A zeroth-order step's pass, ``split`` (0 or 1) update seeds and one perturbation seed: one loop per block.
 
     The same operations in the same order as the general path, element by
-    element in registers instead of block by block: a Rademacher element is a few
-    integer operations, so the general path's passes over its L1 blocks cost more
-    than the generator, and the fused loop runs at about twice its speed.
+    element in registers instead of through its L1 sums: with eight Rademacher
+    elements to a hash the generator is cheap, and the loop runs at about the
+    speed of a copy.
     """
     zero = np.float32(0.0)  # ``0 + c z``, as the general path's zeroed sum: it maps -0.0 to +0.0 alike
     kp, cp = keys[split], coeffs[split]
     ku, cu = keys[0], coeffs[0]
-    n = last - first
-    if kind == F32:
-        w = numba.carray(ptr_f32(out + 4 * first), n)
-        p = numba.carray(ptr_f32(pert + 4 * first), n)
+    update_words = np.empty(BLOCK // 8, dtype=np.uint64)
+    pert_words = np.empty(BLOCK // 8, dtype=np.uint64)
+    round_words = np.empty(BLOCK // 4, dtype=np.uint64)
+    us, ps, r = update_words.view(np.uint8), pert_words.view(np.uint8), round_words.view(np.uint16)
+    rounds = stochastic and split > 0 and kind != F32
+    for lo in range(first, last, BLOCK):
+        m = min(BLOCK, last - lo)
+        hashes(pert_words, kp, lo // 8, (m + 7) // 8)
         if split:
-            for j in range(n):
-                x = counter(first + j)
-                v = w[j] + (zero + rademacher(mix64(ku + x), cu))
-                w[j] = v
-                p[j] = v + (zero + rademacher(mix64(kp + x), cp))
+            hashes(update_words, ku, lo // 8, (m + 7) // 8)
+        if rounds:
+            hashes(round_words, rkey, lo // 4, (m + 3) // 4)
+        if kind == F32:
+            w = numba.carray(ptr_f32(out + 4 * lo), m)
+            p = numba.carray(ptr_f32(pert + 4 * lo), m)
+            if split:
+                for j in range(m):
+                    v = w[j] + (zero + rademacher(us[j], cu))
+                    w[j] = v
+                    p[j] = v + (zero + rademacher(ps[j], cp))
+            else:
+                for j in range(m):
+                    p[j] = w[j] + (zero + rademacher(ps[j], cp))
+            continue
+        w16 = numba.carray(ptr_u16(out + 2 * lo), m)
+        p16 = numba.carray(ptr_u16(pert + 2 * lo), m)
+        if kind == BF16 and split:  # one loop per case: a branch inside would keep LLVM from vectorising
+            for j in range(m):
+                v = bf16_to_f32(w16[j]) + (zero + rademacher(us[j], cu))
+                h = f32_to_bf16_stochastic(v, r[j]) if rounds else f32_to_bf16(v)
+                w16[j] = h
+                p16[j] = f32_to_bf16(bf16_to_f32(h) + (zero + rademacher(ps[j], cp)))
+        elif kind == BF16:
+            for j in range(m):
+                p16[j] = f32_to_bf16(bf16_to_f32(w16[j]) + (zero + rademacher(ps[j], cp)))
+        elif split:
+            for j in range(m):
+                v = f16_to_f32(w16[j]) + (zero + rademacher(us[j], cu))
+                h = f32_to_f16_stochastic(v, r[j]) if rounds else f32_to_f16(v)
+                w16[j] = h
+                p16[j] = f32_to_f16(f16_to_f32(h) + (zero + rademacher(ps[j], cp)))
         else:
-            for j in range(n):
-                p[j] = w[j] + (zero + rademacher(mix64(kp + counter(first + j)), cp))
-        return
-    w16 = numba.carray(ptr_u16(out + 2 * first), n)
-    p16 = numba.carray(ptr_u16(pert + 2 * first), n)
-    if kind == BF16 and split:  # one loop per case: a branch inside would keep LLVM from vectorising
-        for j in range(n):
-            x = counter(first + j)
-            v = bf16_to_f32(w16[j]) + (zero + rademacher(mix64(ku + x), cu))
-            h = f32_to_bf16_stochastic(v, mix64(rkey + x)) if stochastic else f32_to_bf16(v)
-            w16[j] = h
-            p16[j] = f32_to_bf16(bf16_to_f32(h) + (zero + rademacher(mix64(kp + x), cp)))
-    elif kind == BF16:
-        for j in range(n):
-            p16[j] = f32_to_bf16(bf16_to_f32(w16[j]) + (zero + rademacher(mix64(kp + counter(first + j)), cp)))
-    elif split:
-        for j in range(n):
-            x = counter(first + j)
-            v = f16_to_f32(w16[j]) + (zero + rademacher(mix64(ku + x), cu))
-            h = f32_to_f16_stochastic(v, mix64(rkey + x)) if stochastic else f32_to_f16(v)
-            w16[j] = h
-            p16[j] = f32_to_f16(f16_to_f32(h) + (zero + rademacher(mix64(kp + x), cp)))
-    else:
-        for j in range(n):
-            p16[j] = f32_to_f16(f16_to_f32(w16[j]) + (zero + rademacher(mix64(kp + counter(first + j)), cp)))
+            for j in range(m):
+                p16[j] = f32_to_f16(f16_to_f32(w16[j]) + (zero + rademacher(ps[j], cp)))
 
 
 @numba.njit(cache=True)
@@ -482,27 +524,30 @@ def _add_item(w, table, starts, seeds, coeffs, split, is_gaussian, stochastic):
     ig = np.empty(BLOCK, dtype=np.uint64)
     g = np.empty(BLOCK, dtype=np.float32)
     doubtful = np.empty(BLOCK, dtype=np.bool_)
+    words = np.empty(BLOCK // 4, dtype=np.uint64)
     for lo in range(first, last, BLOCK):
         m = min(BLOCK, last - lo)
         for j in range(m):
-            ig[j] = counter(lo + j)
             acc[j] = 0.0
-        _accumulate(acc, ig, m, keys[:split], coeffs[:split], is_gaussian, g, doubtful)
+        if is_gaussian:
+            for j in range(m):
+                ig[j] = counter(lo + j)
+        _accumulate(acc, lo, m, keys[:split], coeffs[:split], is_gaussian, ig, g, doubtful, words)
         if src != 0:
             _add_source(acc, m, lo, src, table[t, SRC_KIND])
         else:
             _add_source(acc, m, lo, out, out_kind)
         if write_out:
-            _store(acc, ig, m, lo, out, out_kind, stochastic, rkey)
+            _store(acc, m, lo, out, out_kind, stochastic, rkey, words)
             if out_kind != F32:
                 _load(acc, m, lo, out, out_kind)  # the perturbation starts from the value as stored
         if pert != 0:
             for j in range(m):
                 more[j] = 0.0
-            _accumulate(more, ig, m, keys[split:], coeffs[split:], is_gaussian, g, doubtful)
+            _accumulate(more, lo, m, keys[split:], coeffs[split:], is_gaussian, ig, g, doubtful, words)
             for j in range(m):
                 more[j] = acc[j] + more[j]
-            _store(more, ig, m, lo, pert, out_kind, False, rkey)
+            _store(more, m, lo, pert, out_kind, False, rkey, words)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -581,6 +626,8 @@ def _project_unit(unit, table, starts, first_item, seeds, is_gaussian, partial):
     g32 = np.empty(BLOCK, dtype=np.float32)
     doubtful = np.empty(BLOCK, dtype=np.bool_)
     ig = np.empty(BLOCK, dtype=np.uint64)
+    words = np.empty(BLOCK // 8, dtype=np.uint64)
+    signs = words.view(np.uint8)
     for k in range(k0, k1):
         partial[row, k] = 0.0
     for lo in range(first, last, BLOCK):
@@ -589,8 +636,9 @@ def _project_unit(unit, table, starts, first_item, seeds, is_gaussian, partial):
         _load(d, m, lo, table[t, ADDR], table[t, KIND])
         for j in range(m, padded):
             d[j] = 0.0
-        for j in range(padded):
-            ig[j] = counter(lo + j)
+        if is_gaussian:
+            for j in range(padded):
+                ig[j] = counter(lo + j)
         for k in range(keys.size):
             key = keys[k]
             if is_gaussian:
@@ -598,9 +646,9 @@ def _project_unit(unit, table, starts, first_item, seeds, is_gaussian, partial):
                 for j in range(padded):
                     g[j] = np.float64(g32[j]) * np.float64(d[j])
             else:
+                hashes(words, key, lo // 8, padded // 8)
                 for j in range(padded):
-                    v = np.float64(d[j])
-                    g[j] = -v if (mix64(key + ig[j]) >> np.uint64(63)) != np.uint64(0) else v
+                    g[j] = rademacher(signs[j], np.float64(d[j]))
             partial[row, k0 + k] += _lane_sum(g, padded)
 
 

@@ -1,7 +1,9 @@
 """Fused CUDA kernels (Triton) and their launchers: the same bits as ``cpu.py``.
 
 The element functions mirror ``cpu.py`` operation for operation: the SplitMix64
-stream in uint64 arithmetic, the portable Gaussian in float64 with explicit
+stream in uint64 arithmetic (eight Rademacher elements, or four elements'
+rounding bits, share a hash there; here each element recomputes its hash, which
+costs a GPU little next to its memory traffic), the portable Gaussian in float64 with explicit
 ``fma`` (and every other multiply-add left unfused: kernels are launched with
 ``enable_fp_fusion=False``), and 16-bit storage rounded to nearest even. Float64
 constants are read from a table in device memory because Triton would round a
@@ -178,12 +180,31 @@ def gaussian(x, tab):
 
 
 @triton.jit
-def _direction(x, c, tab, GAUSSIAN: tl.constexpr):
-    """``c * D`` for raw outputs ``x`` (float32, rounded like the CPU: product, not fused)."""
+def _counters(offs, GAUSSIAN: tl.constexpr):
+    """``(q + 1) * GOLDEN`` of each element's stream position ``q``: ``i`` for Gaussians, ``i // 8`` for Rademacher."""
+    if GAUSSIAN:
+        return (offs.to(tl.uint64) + 1) * 0x9E3779B97F4A7C15
+    else:
+        return ((offs >> 3).to(tl.uint64) + 1) * 0x9E3779B97F4A7C15
+
+
+@triton.jit
+def _direction(x, offs, c, tab, GAUSSIAN: tl.constexpr):
+    """``c * D`` at elements ``offs`` from their raw outputs ``x`` (float32, rounded like the CPU: product, not fused).
+
+    A Rademacher element is the top bit of byte ``i mod 8`` of its hash.
+    """
     if GAUSSIAN:
         return c * gaussian(x, tab)
     else:
-        return tl.where((x >> 63) != 0, -c, c)
+        return tl.where(((x >> ((offs & 7) * 8 + 7).to(tl.uint64)) & 1) != 0, -c, c)
+
+
+@triton.jit
+def _rounding_bits(rkey, offs):
+    """``cpu._store``'s 16 stochastic-rounding bits of elements ``offs``: four elements to a hash."""
+    x = _mix64(rkey + ((offs >> 2).to(tl.uint64) + 1) * 0x9E3779B97F4A7C15)
+    return (x >> ((offs & 3) * 16).to(tl.uint64)) & 0xFFFF
 
 
 @triton.jit
@@ -246,7 +267,7 @@ def _round16(v, KIND: tl.constexpr):
 
 @triton.jit
 def _stochastic16(v, r, KIND: tl.constexpr):
-    """``cpu.f32_to_bf16_stochastic`` / ``cpu.f32_to_f16_stochastic``, as int16 bits."""
+    """``cpu.f32_to_bf16_stochastic`` / ``cpu.f32_to_f16_stochastic`` with 16 bits ``r``, as int16 bits."""
     b = v.to(tl.uint32, bitcast=True)
     a = b & 0x7FFFFFFF
     nan = a > 0x7F800000
@@ -256,7 +277,7 @@ def _stochastic16(v, r, KIND: tl.constexpr):
     else:
         sign = (b >> 16) & 0x8000
         normal = tl.minimum((a + (r & 0x1FFF).to(tl.uint32) - 0x38000000) >> 13, 0x7C00)
-        u = (r >> 40).to(tl.int64).to(tl.float64) * 5.9604644775390625e-08
+        u = r.to(tl.int64).to(tl.float64) * 1.52587890625e-05
         tiny = (a.to(tl.float32, bitcast=True).to(tl.float64) * 16777216.0 + u).to(tl.int64).to(tl.uint32)
         h = tl.where(a < 0x38800000, tiny, normal)
         h = tl.where(nan, 0x7E00, h) | sign
@@ -288,12 +309,12 @@ def _add_kernel(args, T, K, SPLIT, tab,
         if lo < n:  # the last program of a tensor may have fewer blocks
             offs = lo + tl.arange(0, BLOCK).to(tl.int64)
             mask = offs < n
-            ig = (offs.to(tl.uint64) + 1) * 0x9E3779B97F4A7C15
+            ig = _counters(offs, GAUSSIAN)
             acc = tl.zeros([BLOCK], dtype=tl.float32)
             for k in range(SPLIT):
                 key = _mix64(tl.load(seeds + k).to(tl.uint64, bitcast=True) ^ tmix)
                 c = tl.load(coeffs + k).to(tl.int32).to(tl.float32, bitcast=True)
-                acc += _direction(_mix64(key + ig), c, tab, GAUSSIAN)
+                acc += _direction(_mix64(key + ig), offs, c, tab, GAUSSIAN)
             if SRC != -1:
                 v = _load_f32(tl.load(args + T + t), offs, mask, SRC) + acc
             else:
@@ -303,7 +324,7 @@ def _add_kernel(args, T, K, SPLIT, tab,
                     tl.store(out.to(tl.pointer_type(tl.float32)) + offs, v, mask=mask)
                 else:
                     if STOCHASTIC:
-                        r = _mix64(tl.load(args + 5 * T + t).to(tl.uint64, bitcast=True) + ig)
+                        r = _rounding_bits(tl.load(args + 5 * T + t).to(tl.uint64, bitcast=True), offs)
                         h = _stochastic16(v, r, OUT)
                     else:
                         h = _round16(v, OUT)
@@ -314,7 +335,7 @@ def _add_kernel(args, T, K, SPLIT, tab,
                 for k in range(SPLIT, K):
                     key = _mix64(tl.load(seeds + k).to(tl.uint64, bitcast=True) ^ tmix)
                     c = tl.load(coeffs + k).to(tl.int32).to(tl.float32, bitcast=True)
-                    more += _direction(_mix64(key + ig), c, tab, GAUSSIAN)
+                    more += _direction(_mix64(key + ig), offs, c, tab, GAUSSIAN)
                 p = v + more
                 pert = tl.load(args + 2 * T + t)
                 if OUT == 0:
@@ -347,9 +368,8 @@ def _project_kernel(args, T, K, tab, partial,
     for lo in range(0, tl.minimum(n - first, CHUNK), BLOCK_E):
         offs = first + lo + tl.arange(0, BLOCK_E).to(tl.int64)
         d = _load_f32(tl.load(args + t), offs, offs < n, KIND).to(tl.float64)
-        ig = (offs.to(tl.uint64) + 1) * 0x9E3779B97F4A7C15
-        x = _mix64(keys[None, :] + ig[:, None])
-        g = _direction(x, tl.full([BLOCK_E, BLOCK_K], 1.0, tl.float32), tab, GAUSSIAN).to(tl.float64)
+        x = _mix64(keys[None, :] + _counters(offs, GAUSSIAN)[:, None])
+        g = _direction(x, offs[:, None], tl.full([BLOCK_E, BLOCK_K], 1.0, tl.float32), tab, GAUSSIAN).to(tl.float64)
         total += tl.sum(g * d[:, None], axis=0)
     tl.store(partial + row * K + ks, total, mask=kmask)
 

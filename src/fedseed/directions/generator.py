@@ -3,10 +3,14 @@
 A direction element is a pure function of ``(seed, tensor id, element index)``:
 
     key  = mix64(seed ^ mix64(tensor_id ^ TENSOR_SALT))
-    x_i  = mix64(key + (i + 1) * GOLDEN)            # the SplitMix64 stream at position i
-    rademacher(x) = +1 if the top bit of x is 0 else -1
-    gaussian(x)   = sqrt(-2 ln u1) * cos(2 pi u2),   u1 = (x >> 40 + 1) / 2^24,
-                                                      u2 = ((x >> 16) & 0xFFFFFF) / 2^24
+    x_q  = mix64(key + (q + 1) * GOLDEN)            # the SplitMix64 stream at position q
+    rademacher_i = +1 if bit 8 (i mod 8) + 7 of x_{i // 8} is 0 else -1
+    gaussian_i   = sqrt(-2 ln u1) * cos(2 pi u2) of x_i,   u1 = (x >> 40 + 1) / 2^24,
+                                                            u2 = ((x >> 16) & 0xFFFFFF) / 2^24
+
+A Rademacher element takes the top bit of one byte of a hash, so eight elements
+share one: a hash per element made the kernels compute-bound, and at eight per
+hash a zeroth-order step's pass runs at the speed of a copy.
 
 All integer arithmetic is modulo 2^64, so any device that has 64-bit integers
 computes the same bits: there is no generator *state*, nothing depends on the
@@ -87,17 +91,27 @@ def stream(key: int, start: int, count: int) -> np.ndarray:
     return _mix64_array(np.uint64(key) + i * np.uint64(GOLDEN))
 
 
-def values(x: np.ndarray, distribution: Distribution) -> np.ndarray:
-    """Map raw 64-bit outputs to float32 direction values."""
-    if distribution == "rademacher":
-        return np.where((x >> np.uint64(63)) == 0, np.float32(1.0), np.float32(-1.0))
-    if distribution == "gaussian":
-        u1 = ((x >> np.uint64(40)) + np.uint64(1)).astype(np.float64) * 2.0**-24
-        u2 = ((x >> np.uint64(16)) & np.uint64(0xFFFFFF)).astype(np.float64) * 2.0**-24
-        return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(np.float32)
-    raise ValueError(f"unknown distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
+def gaussian_values(x: np.ndarray) -> np.ndarray:
+    """Float32 Gaussians of raw 64-bit outputs, one each."""
+    u1 = ((x >> np.uint64(40)) + np.uint64(1)).astype(np.float64) * 2.0**-24
+    u2 = ((x >> np.uint64(16)) & np.uint64(0xFFFFFF)).astype(np.float64) * 2.0**-24
+    return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(np.float32)
+
+
+def unpack(words: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Element ``i``'s field of ``bits`` bits: bits ``bits * (i mod m)`` on of word ``i // m``, ``m = 64 // bits``."""
+    per_word = 64 // bits
+    shifts = np.arange(per_word, dtype=np.uint64) * np.uint64(bits)
+    fields = (words[:, None] >> shifts[None, :]) & np.uint64((1 << bits) - 1)
+    return fields.reshape(-1)[:count]
 
 
 def direction(seed: int, tid: int, numel: int, distribution: Distribution) -> np.ndarray:
     """The whole direction of one tensor, float32, flat (reference path)."""
-    return values(stream(tensor_key(seed, tid), 0, numel), distribution)
+    key = tensor_key(seed, tid)
+    if distribution == "rademacher":
+        top = unpack(stream(key, 0, (numel + 7) // 8), 8, numel) >> np.uint64(7)
+        return np.where(top == 0, np.float32(1.0), np.float32(-1.0))
+    if distribution == "gaussian":
+        return gaussian_values(stream(key, 0, numel))
+    raise ValueError(f"unknown distribution {distribution!r}; expected one of {DISTRIBUTIONS}")

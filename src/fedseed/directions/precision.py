@@ -10,7 +10,9 @@ modes, chosen per :class:`~fedseed.directions.DirectionSpace`:
   nothing that a 16-bit model can hold.
 * ``"stochastic"``: round up with probability equal to the dropped fraction, so a
   local update is right in expectation however small. Its random bits come from
-  the seeds and coefficients of the call, so replays are deterministic.
+  the seeds and coefficients of the call, so replays are deterministic: element
+  ``i`` takes 16 bits of the stream of the call's rounding key
+  (:func:`rounding_bits`), four elements to a hash.
 
 Neither keeps a float32 copy of the model: a zeroth-order step never perturbs the
 weights in place (``DirectionSpace.perturb_into`` writes the perturbed copy of one
@@ -25,7 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fedseed.directions.generator import GOLDEN, _mix64_array
+from fedseed.directions.generator import GOLDEN, _mix64_array, stream, unpack
 
 Precision = Literal["nearest", "stochastic"]
 PRECISIONS: tuple[str, ...] = ("nearest", "stochastic")
@@ -44,6 +46,15 @@ def rounding_keys(seeds: np.ndarray, coeffs: np.ndarray, tmix: np.ndarray) -> np
     cbits = np.asarray(coeffs, dtype=np.float32).view(np.uint32).astype(np.uint64) << np.uint64(32)
     call = np.bitwise_xor.reduce(_mix64_array(seeds ^ cbits ^ position), initial=np.uint64(seeds.size))
     return _mix64_array(tmix ^ _mix64_array(np.asarray([call ^ ROUNDING_SALT], dtype=np.uint64)))
+
+
+def rounding_bits(rkey: int, count: int) -> np.ndarray:
+    """The 16 stochastic-rounding bits of elements ``0 .. count-1`` of a tensor (the reference).
+
+    bfloat16 adds them below the bits it keeps; float16 adds the low 13 to a normal
+    result, and uses all 16 as the fraction ``u = bits / 2^16`` of a subnormal one.
+    """
+    return unpack(stream(rkey, 0, (count + 3) // 4), 16, count)
 
 
 def lost_fraction(weights: torch.Tensor, update: torch.Tensor, dtype: torch.dtype) -> float:
