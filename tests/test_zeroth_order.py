@@ -16,6 +16,7 @@ import torch
 
 from conftest import STORIES
 from fedseed.algorithms.fedkseed import FedKSeed, FedKSeedConfig
+from fedseed.algorithms import zeroth_order
 from fedseed.algorithms.zeroth_order import MIN_POINT_BYTES, Perturbation, hook_points
 from fedseed.base_weights import BaseWeightsError
 from fedseed.models import LocalModel, load_model
@@ -138,3 +139,17 @@ def test_hook_points_bound_the_scratch_buffer():
     covered = sorted({j for pt in fine for j in pt.rows})
     assert covered == list(range(len(named)))  # every parameter is perturbed somewhere
     assert len(fine) > 10
+
+
+def test_a_point_may_hold_as_much_as_the_largest_parameter(monkeypatch):
+    """The largest parameter needs a scratch that size anyway: points as large cost no memory and save kernel calls."""
+    monkeypatch.setattr(zeroth_order, "MIN_POINT_BYTES", 1)  # only the largest parameter bounds the points
+    monkeypatch.setattr(zeroth_order, "POINT_FRACTION", 1 << 40)
+    module, _ = load_model(str(STORIES))
+    model = LocalModel.wrap(module)
+    largest = max(p.numel() * p.element_size() for _, p in model.trainable)
+    index = {id(p): j for j, (_, p) in enumerate(model.trainable)}
+    zo = Perturbation(model, "rademacher")
+    assert zo.scratch_bytes <= largest + zeroth_order.ALIGN  # no more scratch than the largest parameter's
+    assert len(zo.points) == len(hook_points(module, index, largest)) < len(hook_points(module, index, 1))
+
