@@ -114,26 +114,28 @@ LAYER_PROBE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("layer", ["", "omp", "workqueue"])
-def test_a_parallel_kernel_leaves_torch_on_its_thread_count(layer):
+@pytest.mark.parametrize("env,layers", [
+    ({}, ("omp", "workqueue")),  # the OpenMP layer wherever it loads
+    ({"NUMBA_THREADING_LAYER": "omp"}, ("omp",)),
+    ({"NUMBA_THREADING_LAYER": "workqueue"}, ("workqueue",)),
+    ({"NUMBA_THREADING_LAYER_PRIORITY": "workqueue omp tbb"}, ("workqueue",)),  # a user's order stands
+], ids=["default", "omp", "workqueue", "priority"])
+def test_a_parallel_kernel_leaves_torch_on_its_thread_count(env, layers):
     """numba's OpenMP layer sets the caller's OpenMP thread count, which torch reads: it must be put back.
 
     Otherwise a run pinned to one torch thread reduces with two after its first kernel
     call, and its ledger differs from a replay of it in a fresh process.
     """
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
-    if layer:
-        env["NUMBA_THREADING_LAYER"] = layer
-    out = subprocess.run([sys.executable, "-c", LAYER_PROBE], capture_output=True, text=True, env=env, timeout=300)
-    if layer == "omp" and "No threading layer could be loaded" in out.stderr:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_THREADING_LAYER")}
+    out = subprocess.run([sys.executable, "-c", LAYER_PROBE], capture_output=True, text=True, env={**base, **env},
+                         timeout=300)
+    if layers == ("omp",) and "No threading layer could be loaded" in out.stderr:
         pytest.skip("numba's OpenMP layer is not available here")
     assert out.returncode == 0, out.stderr
     used, threads, same = out.stdout.split()
-    if layer:
-        assert used == layer
-    else:
-        assert used in ("omp", "workqueue")  # the OpenMP layer wherever it loads
+    assert used in layers
     assert (threads, same) == ("1", "True")
+
 
 @pytest.mark.parametrize("dist", DISTS)
 def test_project_equals_dot_with_materialized_directions(dist):

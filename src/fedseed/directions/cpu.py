@@ -44,12 +44,13 @@ for each parallel call, and torch reads that same setting: the caller
 would do its next reductions with two and differ from its own replay in a fresh
 process. GNU OpenMP's idle threads also spin, so calls with little work run on the
 calling thread (the ``*_serial`` kernels): woken, two threads took 8 ms for 0.1 ms of
-work. ``NUMBA_THREADING_LAYER`` still chooses the layer where it is set. The kernels
+work. ``NUMBA_THREADING_LAYER`` (or ``NUMBA_THREADING_LAYER_PRIORITY``) still chooses where it is set. The kernels
 hold the GIL, so calls never overlap (the workqueue layer forbids it).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numba
@@ -63,7 +64,8 @@ from fedseed.directions.generator import GOLDEN, MIX1, MIX2
 
 if sys.byteorder != "little":  # the kernels read Rademacher signs and rounding bits through byte views
     raise ImportError("fedseed's CPU kernels need a little-endian machine")
-numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]  # type: ignore[attr-defined]
+if "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:  # a user's own order stands
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]  # type: ignore[attr-defined]
 _GOLDEN = np.uint64(GOLDEN)
 _MIX1 = np.uint64(MIX1)
 _MIX2 = np.uint64(MIX2)
