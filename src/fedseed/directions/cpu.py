@@ -154,8 +154,10 @@ def hashes(words, key, first, count):
     as every machine numba targets), which vectorises where a per-element shift
     of a shared word would not.
     """
-    for q in range(count):
-        words[q] = mix64(key + counter(first + q))
+    c = counter(first)
+    for q in range(count):  # c = counter(first + q), by addition: one multiply less per hash
+        words[q] = mix64(key + c)
+        c += _GOLDEN
 
 
 @numba.njit(cache=True)
@@ -460,8 +462,9 @@ def _rademacher_step(first, last, out, kind, pert, keys, coeffs, split, stochast
     speed of a copy.
     """
     zero = np.float32(0.0)  # ``0 + c z``, as the general path's zeroed sum: it maps -0.0 to +0.0 alike
-    kp, cp = keys[split], coeffs[split]
-    ku, cu = keys[0], coeffs[0]
+    cp, cu = coeffs[split], coeffs[0]
+    p_pos, p_neg, u_pos, u_neg = zero + cp, zero + (-cp), zero + cu, zero + (-cu)  # hoisted out of the loops
+    kp, ku = keys[split], keys[0]
     update_words = np.empty(BLOCK // 8, dtype=np.uint64)
     pert_words = np.empty(BLOCK // 8, dtype=np.uint64)
     round_words = np.empty(BLOCK // 4, dtype=np.uint64)
@@ -479,33 +482,39 @@ def _rademacher_step(first, last, out, kind, pert, keys, coeffs, split, stochast
             p = numba.carray(ptr_f32(pert + 4 * lo), m)
             if split:
                 for j in range(m):
-                    v = w[j] + (zero + rademacher(us[j], cu))
+                    v = w[j] + _signed(us[j], u_pos, u_neg)
                     w[j] = v
-                    p[j] = v + (zero + rademacher(ps[j], cp))
+                    p[j] = v + _signed(ps[j], p_pos, p_neg)
             else:
                 for j in range(m):
-                    p[j] = w[j] + (zero + rademacher(ps[j], cp))
+                    p[j] = w[j] + _signed(ps[j], p_pos, p_neg)
             continue
         w16 = numba.carray(ptr_u16(out + 2 * lo), m)
         p16 = numba.carray(ptr_u16(pert + 2 * lo), m)
         if kind == BF16 and split:  # one loop per case: a branch inside would keep LLVM from vectorising
             for j in range(m):
-                v = bf16_to_f32(w16[j]) + (zero + rademacher(us[j], cu))
+                v = bf16_to_f32(w16[j]) + _signed(us[j], u_pos, u_neg)
                 h = f32_to_bf16_stochastic(v, r[j]) if rounds else f32_to_bf16(v)
                 w16[j] = h
-                p16[j] = f32_to_bf16(bf16_to_f32(h) + (zero + rademacher(ps[j], cp)))
+                p16[j] = f32_to_bf16(bf16_to_f32(h) + _signed(ps[j], p_pos, p_neg))
         elif kind == BF16:
             for j in range(m):
-                p16[j] = f32_to_bf16(bf16_to_f32(w16[j]) + (zero + rademacher(ps[j], cp)))
+                p16[j] = f32_to_bf16(bf16_to_f32(w16[j]) + _signed(ps[j], p_pos, p_neg))
         elif split:
             for j in range(m):
-                v = f16_to_f32(w16[j]) + (zero + rademacher(us[j], cu))
+                v = f16_to_f32(w16[j]) + _signed(us[j], u_pos, u_neg)
                 h = f32_to_f16_stochastic(v, r[j]) if rounds else f32_to_f16(v)
                 w16[j] = h
-                p16[j] = f32_to_f16(f16_to_f32(h) + (zero + rademacher(ps[j], cp)))
+                p16[j] = f32_to_f16(f16_to_f32(h) + _signed(ps[j], p_pos, p_neg))
         else:
             for j in range(m):
-                p16[j] = f32_to_f16(f16_to_f32(w16[j]) + (zero + rademacher(ps[j], cp)))
+                p16[j] = f32_to_f16(f16_to_f32(w16[j]) + _signed(ps[j], p_pos, p_neg))
+
+
+@numba.njit(inline="always")
+def _signed(b, pos, neg):
+    """``0 + rademacher(b, c)`` given ``pos = 0 + c`` and ``neg = 0 + (-c)``: the same bits, no add per element."""
+    return neg if (np.uint32(b) >> np.uint32(7)) != np.uint32(0) else pos
 
 
 @numba.njit(cache=True)
