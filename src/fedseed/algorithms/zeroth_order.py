@@ -19,13 +19,16 @@ replays match), which keeps an update far below the weights' spacing right in
 expectation; the next sync rebuilds the exact global model from ``w0`` anyway.
 
 Hook points are the largest subtrees of the module tree whose parameters fit
-``max(total / 32, 16 MiB, the largest parameter)``: the whole model when it is
+``max(total / 32, 32 MiB, the largest parameter)``: the whole model when it is
 small (one kernel call per forward), single layers or matrices when it is large,
 so the scratch buffer is a few percent of the weights at most. The largest
 parameter needs a scratch its size anyway, and a point as large costs no more:
 at 1.1B (a 262 MB embedding in float32) a decoder layer is then one point, not
 four to six, and a step makes 50 kernel calls instead of 270, each of which costs
-0.3-0.5 ms beside the forward whatever its size. A module above the bound that owns
+0.3-0.5 ms beside the forward whatever its size. The 32 MiB floor does the same for
+models of a few hundred million weights: at 260M (20 decoder layers of 26 MB in
+bfloat16) 16 MiB split each layer into six points, two of them norms of 1,024
+weights, 246 kernel calls a step where 46 do. A module above the bound that owns
 parameters itself gets a point for those alone; such points nest with the points
 below them, which is why scratch is laid out as a stack. The one assumption: a
 parameter is read only inside the forward of a module that owns it (true of
@@ -46,7 +49,7 @@ from fedseed.directions import DirectionSpace
 from fedseed.models import LocalModel
 from fedseed.privacy import ExampleNoise
 
-MIN_POINT_BYTES = 16 << 20
+MIN_POINT_BYTES = 32 << 20
 POINT_FRACTION = 32  # a hook point holds at most 1/32 of the weights (or MIN_POINT_BYTES, or the largest parameter)
 ALIGN = 64  # bytes: scratch views start on cache lines
 
