@@ -396,7 +396,7 @@ def test_norms_and_coordinates_never_form_the_update_and_stop_a_diverged_round(t
     norms = ferret._block_norms(model, start, blocks)
     assert all(torch.equal(p, m) for (_, p), m in zip(model.trainable, moved))
     with start.read(range(len(model.trainable))) as w0:
-        direct = [float(torch.linalg.vector_norm((p - w.to(p.dtype)).double()))
+        direct = [float(torch.linalg.vector_norm((p.detach() - w.to(p.dtype)).double()))
                   for (_, p), w in zip(model.trainable, w0)]
     np.testing.assert_allclose(norms, direct, rtol=1e-12)
     bases = [basis_seeds(99 + j, 3) for j in range(len(blocks))]
