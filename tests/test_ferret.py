@@ -264,7 +264,8 @@ def test_joint_loss_is_the_mean_of_the_batch_losses_with_the_same_gradient(run):
         joint.backward()
     with torch.no_grad():
         separate = [float(model.loss(b)) for b in batches]
-    assert parts == pytest.approx(separate, rel=1e-5) and float(joint.detach()) == pytest.approx(np.mean(separate), rel=1e-5)
+    assert parts == pytest.approx(separate, rel=1e-5)
+    assert float(joint.detach()) == pytest.approx(np.mean(separate), rel=1e-5)
     for name_p, g, p in zip(model.trainable, accumulated, params):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6, msg=name_p[0])
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import STORIES
-from fedseed.algorithms.fedkseed import FedKSeed, FedKSeedConfig
 from fedseed.algorithms import zeroth_order
+from fedseed.algorithms.fedkseed import FedKSeed, FedKSeedConfig
 from fedseed.algorithms.zeroth_order import MIN_POINT_BYTES, Perturbation, hook_points
 from fedseed.base_weights import BaseWeightsError
 from fedseed.models import LocalModel, load_model
@@ -152,4 +152,3 @@ def test_a_point_may_hold_as_much_as_the_largest_parameter(monkeypatch):
     zo = Perturbation(model, "rademacher")
     assert zo.scratch_bytes <= largest + zeroth_order.ALIGN  # no more scratch than the largest parameter's
     assert len(zo.points) == len(hook_points(module, index, largest)) < len(hook_points(module, index, 1))
-

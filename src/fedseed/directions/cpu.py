@@ -160,10 +160,16 @@ def hashes(words, key, first, count):
         c += _GOLDEN
 
 
+@numba.njit(inline="always")
+def signed(b, pos, neg):
+    """``neg`` where the top bit of the byte ``b`` is set, else ``pos``: every Rademacher sign is read here."""
+    return neg if (np.uint32(b) >> np.uint32(7)) != np.uint32(0) else pos
+
+
 @numba.njit(cache=True)
 def rademacher(b, c):
     """``c * (+1 or -1)`` from the top bit of the byte ``b`` (exact: a sign flip)."""
-    return -c if (np.uint32(b) >> np.uint32(7)) != np.uint32(0) else c
+    return signed(b, c, -c)
 
 
 # -- portable Gaussian ---------------------------------------------------------------
@@ -463,7 +469,7 @@ def _rademacher_step(first, last, out, kind, pert, keys, coeffs, split, stochast
     """
     zero = np.float32(0.0)  # ``0 + c z``, as the general path's zeroed sum: it maps -0.0 to +0.0 alike
     cp, cu = coeffs[split], coeffs[0]
-    p_pos, p_neg, u_pos, u_neg = zero + cp, zero + (-cp), zero + cu, zero + (-cu)  # hoisted out of the loops
+    p_pos, p_neg, u_pos, u_neg = zero + cp, zero + (-cp), zero + cu, zero + (-cu)  # 0 + rademacher(b, c), once
     kp, ku = keys[split], keys[0]
     update_words = np.empty(BLOCK // 8, dtype=np.uint64)
     pert_words = np.empty(BLOCK // 8, dtype=np.uint64)
@@ -482,39 +488,33 @@ def _rademacher_step(first, last, out, kind, pert, keys, coeffs, split, stochast
             p = numba.carray(ptr_f32(pert + 4 * lo), m)
             if split:
                 for j in range(m):
-                    v = w[j] + _signed(us[j], u_pos, u_neg)
+                    v = w[j] + signed(us[j], u_pos, u_neg)
                     w[j] = v
-                    p[j] = v + _signed(ps[j], p_pos, p_neg)
+                    p[j] = v + signed(ps[j], p_pos, p_neg)
             else:
                 for j in range(m):
-                    p[j] = w[j] + _signed(ps[j], p_pos, p_neg)
+                    p[j] = w[j] + signed(ps[j], p_pos, p_neg)
             continue
         w16 = numba.carray(ptr_u16(out + 2 * lo), m)
         p16 = numba.carray(ptr_u16(pert + 2 * lo), m)
         if kind == BF16 and split:  # one loop per case: a branch inside would keep LLVM from vectorising
             for j in range(m):
-                v = bf16_to_f32(w16[j]) + _signed(us[j], u_pos, u_neg)
+                v = bf16_to_f32(w16[j]) + signed(us[j], u_pos, u_neg)
                 h = f32_to_bf16_stochastic(v, r[j]) if rounds else f32_to_bf16(v)
                 w16[j] = h
-                p16[j] = f32_to_bf16(bf16_to_f32(h) + _signed(ps[j], p_pos, p_neg))
+                p16[j] = f32_to_bf16(bf16_to_f32(h) + signed(ps[j], p_pos, p_neg))
         elif kind == BF16:
             for j in range(m):
-                p16[j] = f32_to_bf16(bf16_to_f32(w16[j]) + _signed(ps[j], p_pos, p_neg))
+                p16[j] = f32_to_bf16(bf16_to_f32(w16[j]) + signed(ps[j], p_pos, p_neg))
         elif split:
             for j in range(m):
-                v = f16_to_f32(w16[j]) + _signed(us[j], u_pos, u_neg)
+                v = f16_to_f32(w16[j]) + signed(us[j], u_pos, u_neg)
                 h = f32_to_f16_stochastic(v, r[j]) if rounds else f32_to_f16(v)
                 w16[j] = h
-                p16[j] = f32_to_f16(f16_to_f32(h) + _signed(ps[j], p_pos, p_neg))
+                p16[j] = f32_to_f16(f16_to_f32(h) + signed(ps[j], p_pos, p_neg))
         else:
             for j in range(m):
-                p16[j] = f32_to_f16(f16_to_f32(w16[j]) + _signed(ps[j], p_pos, p_neg))
-
-
-@numba.njit(inline="always")
-def _signed(b, pos, neg):
-    """``0 + rademacher(b, c)`` given ``pos = 0 + c`` and ``neg = 0 + (-c)``: the same bits, no add per element."""
-    return neg if (np.uint32(b) >> np.uint32(7)) != np.uint32(0) else pos
+                p16[j] = f32_to_f16(f16_to_f32(w16[j]) + signed(ps[j], p_pos, p_neg))
 
 
 @numba.njit(cache=True)
