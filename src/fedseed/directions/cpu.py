@@ -24,8 +24,9 @@ into each kernel), written so that it vectorises them: selects instead of
 branches, tables small enough to gather from L1. numba's own IR-level inlining
 (``inline="always"``) gave the same speed at 3-5x the cold compile time (37 s
 against 10 s for the two add kernels on 2 cores), which every fresh install pays
-once; only ``_lane_sum``, whose scratch array must not cross a call, keeps it. Three things numba lacks are
-LLVM intrinsics here: reinterpreting bits, fused multiply-add (rounded once on
+once; only ``_lane_sum``, whose scratch array must not cross a call, and the
+sign selectors (``signed``, ``signed_low``, ``signed_high``) keep it. Three things
+numba lacks are LLVM intrinsics here: reinterpreting bits, fused multiply-add (rounded once on
 every device, which is what makes the Gaussian's double-double arithmetic
 identical in numba and Triton) and turning an address into a typed pointer.
 ``cuda.py`` mirrors the element functions in Triton, operation for operation.
