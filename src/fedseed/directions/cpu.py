@@ -171,13 +171,13 @@ def signed(b, pos, neg):
 @numba.njit(inline="always")
 def signed_low(s, pos, neg):
     """:func:`signed` of the low byte of the uint16 ``s``: the first weight of a pair."""
-    return neg if np.uint32(np.uint32(s) & np.uint32(0x80)) != np.uint32(0) else pos
+    return signed(np.uint32(np.uint32(s) & np.uint32(0xFF)), pos, neg)
 
 
 @numba.njit(inline="always")
 def signed_high(s, pos, neg):
     """:func:`signed` of the high byte of the uint16 ``s``: the second weight of a pair."""
-    return neg if np.uint32(np.uint32(s) & np.uint32(0x8000)) != np.uint32(0) else pos
+    return signed(np.uint32(np.uint32(s) >> np.uint32(8)), pos, neg)
 
 
 @numba.njit(cache=True)
@@ -351,6 +351,24 @@ def bf16_stochastic_high(v, r):
     b = f32_bits(v)
     rounded = np.uint32(np.uint32(b + np.uint32(r)) & _HIGH)
     return _BF16_NAN if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded
+
+
+@numba.njit(cache=True)
+def pair_low(x):
+    """The first bfloat16 of the 32-bit word ``x`` (little-endian: its low half), as float32."""
+    return bits_f32(np.uint32(x << np.uint32(16)))
+
+
+@numba.njit(cache=True)
+def pair_high(x):
+    """The second bfloat16 of the 32-bit word ``x`` (its high half), as float32."""
+    return bits_f32(np.uint32(x & _HIGH))
+
+
+@numba.njit(cache=True)
+def pair(low, high):
+    """The 32-bit word of two bfloat16 values held in the high halves of ``low`` and ``high``."""
+    return np.uint32(high | np.uint32(low >> np.uint32(16)))
 
 
 @numba.njit(cache=True)
@@ -537,24 +555,20 @@ def _rademacher_step(first, last, out, kind, pert, keys, coeffs, split, stochast
             p32 = numba.carray(ptr_u32(pert + 2 * lo), m // 2)
             if split:
                 for i in range(m // 2):
-                    x = w32[i]
-                    a = bits_f32(np.uint32(x << np.uint32(16))) + signed_low(us2[i], u_pos, u_neg)
-                    b = bits_f32(np.uint32(x & _HIGH)) + signed_high(us2[i], u_pos, u_neg)
+                    a = pair_low(w32[i]) + signed_low(us2[i], u_pos, u_neg)
+                    b = pair_high(w32[i]) + signed_high(us2[i], u_pos, u_neg)
                     if rounds:
                         ha = bf16_stochastic_high(a, np.uint32(r2[i] & np.uint32(0xFFFF)))
                         hb = bf16_stochastic_high(b, np.uint32(r2[i] >> np.uint32(16)))
                     else:
                         ha, hb = bf16_nearest_high(a), bf16_nearest_high(b)
-                    w32[i] = np.uint32(hb | np.uint32(ha >> np.uint32(16)))
-                    pa = bf16_nearest_high(bits_f32(ha) + signed_low(ps2[i], p_pos, p_neg))
-                    pb = bf16_nearest_high(bits_f32(hb) + signed_high(ps2[i], p_pos, p_neg))
-                    p32[i] = np.uint32(pb | np.uint32(pa >> np.uint32(16)))
+                    w32[i] = pair(ha, hb)
+                    p32[i] = pair(bf16_nearest_high(bits_f32(ha) + signed_low(ps2[i], p_pos, p_neg)),
+                                  bf16_nearest_high(bits_f32(hb) + signed_high(ps2[i], p_pos, p_neg)))
             else:
                 for i in range(m // 2):
-                    x = w32[i]
-                    pa = bf16_nearest_high(bits_f32(np.uint32(x << np.uint32(16))) + signed_low(ps2[i], p_pos, p_neg))
-                    pb = bf16_nearest_high(bits_f32(np.uint32(x & _HIGH)) + signed_high(ps2[i], p_pos, p_neg))
-                    p32[i] = np.uint32(pb | np.uint32(pa >> np.uint32(16)))
+                    p32[i] = pair(bf16_nearest_high(pair_low(w32[i]) + signed_low(ps2[i], p_pos, p_neg)),
+                                  bf16_nearest_high(pair_high(w32[i]) + signed_high(ps2[i], p_pos, p_neg)))
             continue
         w16 = numba.carray(ptr_u16(out + 2 * lo), m)
         p16 = numba.carray(ptr_u16(pert + 2 * lo), m)
