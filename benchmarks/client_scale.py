@@ -21,7 +21,11 @@ perturbation, restore and update) in the same run:
   rebuilds from ``w0`` with ``--seeds`` per-seed totals, then ``--steps``
   zeroth-order steps on ``--seq``-token batches; its peak resident set against
   inference, the step time against two plain forwards of the same model (each step
-  timed beside its own pair of forwards; medians), the rebuild time per seed.
+  timed beside its own pair of forwards; medians), the rebuild time per seed. The
+  step's two passes over the weights (its kernel calls, timed inside the step) are
+  set beside torch copying every weight into its scratch view twice: the memory
+  traffic no two-pass scheme avoids, so a reader can tell a slow kernel from a
+  machine whose memory is slow next to its arithmetic.
 
 Results: a table on stdout and ``results/client-scale-<device>.json`` (device
 name, date, load average, versions).
@@ -215,6 +219,7 @@ import numpy as np, torch
 from fedseed.models import LocalModel, load_model
 from fedseed.algorithms.fedkseed import FedKSeed, FedKSeedConfig, SeedTask
 from fedseed.algorithms.zeroth_order import Perturbation
+from fedseed.directions import DirectionSpace
 from fedseed.memory import set_forward_threshold
 a = json.loads(sys.argv[1])
 if a["impl"] == "fedseed":
@@ -245,12 +250,27 @@ out = {}
 if a["impl"] == "fedseed":
     model = LocalModel.wrap(module, a["folder"])
     out["rebuild_per_seed"] = timed(lambda: model.rebuild_("rademacher", seeds, coeffs)) / len(seeds)
+    kernel, passes = [0.0], []
+    inner = DirectionSpace.perturb_into
+    def timed_passes(self, *args, **kwargs):  # a step's two passes over the weights, timed inside the step
+        sync_device(); t = time.perf_counter(); inner(self, *args, **kwargs); sync_device()
+        kernel[0] += time.perf_counter() - t
+    DirectionSpace.perturb_into = timed_passes
     with Perturbation(model, "rademacher") as zo, torch.no_grad():
         def step(k=[0]):
             k[0] += 1
+            kernel[0] = 0.0
             plus, minus = zo.two_point(batch, 1000 + k[0], 1e-3)
             zo.defer([1000 + k[0]], [-1e-6 * (plus - minus) / 2e-3])
+            passes.append(kernel[0])
         out["two_forwards"], out["zo_step"] = interleaved(lambda: float(module(**batch).loss), step)
+    out["passes"] = float(np.median(passes[1:]))
+    def copies():  # every weight read and written to its scratch view by torch, twice: two passes at copy speed
+        for _ in range(2):
+            for point in zo.points:
+                for p, view in zip(point.params, point.views):
+                    view.copy_(p)
+    out["copy_floor"] = float(np.median([timed(copies) for _ in range(3)]))
     out["scratch_bytes"] = zo.scratch_bytes
 else:  # the official code's way: a deepcopy of the server model per client, torch.manual_seed + normal per tensor
     server = module
@@ -301,7 +321,8 @@ def bench_client(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
             f, r = row["fedseed"], row["reference"]
             print(f"client {size:>5} {dtype:>8}: peak {f['peak'] / 2**30:6.2f} GB (+{f['extra'] / 2**30:5.2f} over "
                   f"inference {base / 2**30:5.2f}; reference +{r['extra'] / 2**30:5.2f}) | step/2 fwd "
-                  f"{f['step_over_two_forwards']:.2f} (reference {r['step_over_two_forwards']:.2f}) | rebuild "
+                  f"{f['step_over_two_forwards']:.2f} (reference {r['step_over_two_forwards']:.2f}; passes {f['passes']:.2f} s, "
+                  f"two torch copies {f['copy_floor']:.2f} s) | rebuild "
                   f"{f['rebuild_per_seed'] * 1e3:.1f} ms/seed (reference {r['rebuild_per_seed'] * 1e3:.1f})", flush=True)
             rows.append(row)
     return rows
