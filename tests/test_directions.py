@@ -8,6 +8,7 @@ dtype and any thread count; ``perturb_into`` must leave the weights exactly as t
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -135,6 +136,30 @@ def test_a_parallel_kernel_leaves_torch_on_its_thread_count(env, layers):
     used, threads, same = out.stdout.split()
     assert used in layers
     assert (threads, same) == ("1", "True")
+
+
+FEATURES_PROBE = "import numba, fedseed.directions.cpu; print(numba.config.CPU_FEATURES)"
+
+
+@pytest.mark.parametrize("env", [{}, {"NUMBA_CPU_FEATURES": "+sse2"}, {"NUMBA_CPU_NAME": "generic"}],
+                         ids=["default", "user-features", "user-cpu"])
+def test_kernels_compile_for_the_hosts_full_vector_width_unless_the_user_says_otherwise(env):
+    """On x86 with AVX-512 numba gets the host's features without LLVM's 256-bit preference; a user's target stands."""
+    import llvmlite.binding as binding
+
+    base = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CPU_FEATURES", "NUMBA_CPU_NAME")}
+    out = subprocess.run([sys.executable, "-c", FEATURES_PROBE], capture_output=True, text=True, env={**base, **env},
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    features = out.stdout.strip()
+    if env.get("NUMBA_CPU_FEATURES"):
+        assert features == "+sse2"
+    elif env:
+        assert features == ""  # numba's own default for a generic CPU
+    elif platform.machine().lower() in ("x86_64", "amd64") and binding.get_host_cpu_features().get("avx512f"):
+        assert features == binding.get_host_cpu_features().flatten() + ",-prefer-256-bit"
+    else:
+        assert features == "None"
 
 
 @pytest.mark.parametrize("dist", DISTS)
