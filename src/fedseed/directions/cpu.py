@@ -355,6 +355,12 @@ _BF16_NAN = np.uint32(0x7FC00000)
 
 
 @numba.njit(cache=True)
+def _bf16_or_nan(b, rounded):
+    """``rounded`` (a bfloat16 in the high half), or the canonical NaN 0x7FC0 where the float32 bits ``b`` are a NaN."""
+    return _BF16_NAN if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded
+
+
+@numba.njit(cache=True)
 def bf16_nearest_high(v):
     """``v`` rounded to bfloat16 (nearest even, NaN to 0x7FC0, what torch does), in the high half of float32 bits.
 
@@ -365,16 +371,14 @@ def bf16_nearest_high(v):
     cache, the update-and-perturb loop went from 0.44 to 0.34 ns per weight).
     """
     b = f32_bits(v)
-    rounded = np.uint32(np.uint32(b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) & _HIGH)
-    return _BF16_NAN if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded
+    return _bf16_or_nan(b, np.uint32(np.uint32(b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) & _HIGH))
 
 
 @numba.njit(cache=True)
 def bf16_stochastic_high(v, r):
     """:func:`bf16_nearest_high` rounding up with probability (dropped bits) / 2^16, using the 16 bits ``r``."""
     b = f32_bits(v)
-    rounded = np.uint32(np.uint32(b + np.uint32(r)) & _HIGH)
-    return _BF16_NAN if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded
+    return _bf16_or_nan(b, np.uint32(np.uint32(b + np.uint32(r)) & _HIGH))
 
 
 @numba.njit(cache=True)
